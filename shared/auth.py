@@ -1,0 +1,172 @@
+"""The Dataverse access token: one per instance, refreshed before it expires, replaced on a 401.
+
+Modelled on azure-core's BearerTokenCredentialPolicy: a cached token with a refresh window, one
+acquisition at a time, and a forced refresh when the resource rejects the token held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import IntakeError
+from shared.secrets import SecretSource
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REFRESH_MARGIN = 300.0  # seconds before expiry when a new token is fetched
+
+# AADSTS numbers -> our codes. Decided on the number, never on the description text.
+_AADSTS = {
+    7000215: "entra_invalid_secret",
+    7000222: "entra_secret_expired",
+    700016: "entra_unknown_client",
+    90002: "entra_unknown_tenant",
+    500011: "dynamics_url_wrong_scope",
+    90024: "entra_unavailable",
+    90055: "entra_unavailable",
+}
+_SECRET_CODES = {"entra_invalid_secret", "entra_secret_expired"}
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    expires_on: float
+    refresh_on: float
+
+    def __repr__(self) -> str:
+        return f"Token(expires_on={self.expires_on})"
+
+
+def entra_error(exc: Exception, settings: Settings) -> IntakeError:
+    """Classify a failed token request by the AADSTS number in Entra ID's JSON answer."""
+    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+
+    fix = settings.fix_args()
+    body: dict = {}
+    response = getattr(exc, "response", None)
+    if response is not None:
+        try:
+            body = json.loads(response.text() or "{}")
+        except (ValueError, TypeError, AttributeError):
+            body = {}
+    codes = body.get("error_codes") or []
+    ids = ", ".join(f"{k}={body[k]}" for k in ("trace_id", "correlation_id") if body.get(k))
+    request_id = body.get("correlation_id") or None
+    for number in codes:
+        if number in _AADSTS:
+            code = _AADSTS[number]
+            return IntakeError(code, f"Entra ID answered AADSTS{number} ({body.get('error', '')}). {ids}".strip(),
+                               request_id=request_id, upstream_code=f"AADSTS{number}", fix_args=fix)
+    if body.get("error") == "temporarily_unavailable" or (response is not None and response.status_code >= 500):
+        return IntakeError("entra_unavailable", f"Entra ID is temporarily unavailable. {ids}".strip(),
+                           request_id=request_id, fix_args=fix)
+    if body:
+        number = f"AADSTS{codes[0]}" if codes else body.get("error", "")
+        return IntakeError("entra_error", f"Entra ID refused the token request: {number}. {ids}".strip(),
+                           request_id=request_id, upstream_code=number or None, fix_args=fix)
+    text = str(exc)
+    if "authority configuration" in text or "tenant" in text.lower() and "not found" in text.lower():
+        # MSAL fetches the tenant's OpenID metadata first; Entra answers AADSTS90002 there.
+        return IntakeError("entra_unknown_tenant", "Entra ID has no OpenID configuration for DYNAMICS_TENANT_ID.",
+                           upstream_code="AADSTS90002", fix_args=fix)
+    if isinstance(exc, ServiceRequestError) or not isinstance(exc, ClientAuthenticationError):
+        return IntakeError("entra_unavailable", f"Entra ID could not be reached: {type(exc).__name__}.", fix_args=fix)
+    return IntakeError("entra_error", "Entra ID refused the token request.", fix_args=fix)
+
+
+class TokenProvider:
+    """Caches the Dataverse token for every thread of the instance."""
+
+    def __init__(self, settings: Settings, secrets: SecretSource, *, margin: float = REFRESH_MARGIN,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._secrets = secrets
+        self._margin = margin
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: Token | None = None
+        self.acquisitions = 0
+
+    def _credential(self, secret: str) -> Any:
+        """A new credential per acquisition, so no lower cache can hand back a token Dataverse rejected."""
+        from azure.identity import ClientSecretCredential
+
+        s = self._settings
+        kwargs: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 10, "retry_total": 2}
+        if s.authority_host:
+            kwargs["authority"] = s.authority_host
+        if not s.is_public_authority:
+            kwargs["disable_instance_discovery"] = True
+        return ClientSecretCredential(s.tenant_id, s.client_id, secret, **kwargs)
+
+    def _request(self, secret: str) -> Token:
+        now = self._clock()
+        try:
+            access = self._credential(secret).get_token(self._settings.scope)
+        except Exception as exc:  # azure-identity raises ClientAuthenticationError and azure-core errors
+            raise entra_error(exc, self._settings) from None
+        finally:
+            self.acquisitions += 1
+        lifetime = max(access.expires_on - now, 0.0)
+        margin = min(self._margin, lifetime / 2)
+        return Token(access.token, float(access.expires_on), float(access.expires_on) - margin)
+
+    def _acquire(self) -> Token:
+        """Get a token; if Entra ID says the secret is wrong or expired, re-read the vault once."""
+        secret = self._secrets.get()
+        try:
+            token = self._request(secret)
+        except IntakeError as err:
+            if err.code not in _SECRET_CODES:
+                raise
+            log.warning("entra rejected the client secret (%s); re-reading key vault once", err.code)
+            fresh = self._secrets.refresh(secret)
+            if fresh == secret:
+                raise
+            token = self._request(fresh)
+        self._token = token
+        log.info("dataverse token acquired: expires_in=%.0fs", token.expires_on - self._clock())
+        return token
+
+    def token(self) -> str:
+        """The cached token; a stale one is replaced by exactly one thread while the others wait or reuse."""
+        held = self._token
+        now = self._clock()
+        if held is not None and now < held.refresh_on:
+            return held.value
+        if held is not None and now < held.expires_on - 30:
+            # Inside the refresh window but still valid: one thread refreshes, the others carry on.
+            if not self._lock.acquire(blocking=False):
+                return held.value
+            try:
+                if self._token is held:
+                    try:
+                        return self._acquire().value
+                    except IntakeError as err:
+                        log.warning("proactive token refresh failed (%s); using the token held", err.code)
+                        return held.value
+                return self._token.value  # type: ignore[union-attr]
+            finally:
+                self._lock.release()
+        with self._lock:
+            current = self._token
+            if current is not None and current is not held and self._clock() < current.refresh_on:
+                return current.value
+            return self._acquire().value
+
+    def refresh(self, rejected: str) -> str:
+        """Replace the token Dataverse rejected, unless another thread already did."""
+        with self._lock:
+            current = self._token
+            if current is not None and current.value != rejected:
+                return current.value
+            self._token = None
+            return self._acquire().value

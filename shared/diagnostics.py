@@ -1,0 +1,162 @@
+"""Diagnostics: walk the whole chain step by step and name the exact cause and fix of a failure.
+
+Steps: settings -> Key Vault secret -> Entra ID token -> WhoAmI -> privileges. A failed step marks
+the later ones skipped. Codes and fixes come from the one table in `shared.errors`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from shared import settings as settings_mod
+from shared.auth import TokenProvider
+from shared.dataverse import DataverseClient
+from shared.errors import IntakeError
+from shared.secrets import SecretSource, VaultSecret
+from shared.settings import Settings
+
+# What the intake path does: create and read cases, leads and contacts, and bind a customer to a case.
+PRIVILEGES = ("prvCreateIncident", "prvReadIncident", "prvAppendIncident", "prvCreateLead", "prvReadLead",
+              "prvCreateContact", "prvReadContact", "prvAppendToContact", "prvAppendToAccount")
+EXPIRY_WARNING_DAYS = 30
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+STEPS = ("settings", "keyvault", "token", "whoami", "privileges")
+
+
+class _FixedToken:
+    """Hands the diagnostics' own fresh token to a DataverseClient; a 401 is then reported, not retried away."""
+
+    def __init__(self, provider: TokenProvider, token: str) -> None:
+        self._provider = provider
+        self.value = token
+
+    def token(self) -> str:
+        return self.value
+
+    def refresh(self, rejected: str) -> str:
+        self.value = self._provider.refresh(rejected)
+        return self.value
+
+
+def _step(name: str, ok: bool, ms: float, code: str | None = None, detail: str = "", fix: str = "",
+          warning: bool = False) -> dict:
+    return {"name": name, "ok": ok, "status": "warning" if warning else ("ok" if ok else "failed"),
+            "ms": round(ms, 1), "code": code, "detail": detail, "fix": fix}
+
+
+def _failed(name: str, ms: float, err: IntakeError) -> dict:
+    step = _step(name, False, ms, err.code, err.detail, err.fix)
+    if err.request_id:
+        step["requestId"] = err.request_id
+    return step
+
+
+def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> dict[str, Any]:
+    """Run every step; return {"status": ok|degraded|failed, "steps": [...]}."""
+    steps: list[dict] = []
+    clock = time.perf_counter
+    state: dict[str, Any] = {}
+
+    def settings_step() -> dict:
+        t = clock()
+        s = settings_mod.load(environ)
+        state["settings"] = s
+        return _step("settings", True, (clock() - t) * 1000,
+                     detail=f"DYNAMICS_URL={s.dynamics_url}, KEY_VAULT_URL={s.key_vault_url}, "
+                            f"secret name {s.secret_name!r}, API {s.api_version}")
+
+    def keyvault_step() -> dict:
+        s: Settings = state["settings"]
+        t = clock()
+        secret: VaultSecret = (secrets or SecretSource(s)).read()
+        ms = (clock() - t) * 1000
+        state["secret"] = secret.value
+        if not secret.value:
+            raise IntakeError("keyvault_secret_missing", f"The vault secret {s.secret_name!r} is empty.",
+                              fix_args=s.fix_args())
+        detail = f"secret {s.secret_name!r} version {secret.version} enabled"
+        if secret.expires_on is not None:
+            days = (secret.expires_on - now()).total_seconds() / 86400
+            detail += f", vault expiry {secret.expires_on.date().isoformat()}"
+            if days < EXPIRY_WARNING_DAYS:
+                return _step("keyvault", True, ms, "keyvault_secret_expiring",
+                             f"{detail}: {max(days, 0):.0f} days left",
+                             "Create a new client secret in Entra ID and store it as a new version of "
+                             f"{s.secret_name} before it expires.", warning=True)
+        return _step("keyvault", True, ms, detail=detail)
+
+    def token_step() -> dict:
+        s: Settings = state["settings"]
+        t = clock()
+        provider = TokenProvider(s, _Pinned(state["secret"]))
+        try:
+            state["token"] = _FixedToken(provider, provider.token())
+        except IntakeError as err:
+            if err.code == "entra_invalid_secret" and _GUID.match(state["secret"]):
+                err.detail += " The vault holds a GUID: that is the secret's ID, not its Value."
+            raise
+        return _step("token", True, (clock() - t) * 1000, detail=f"token for {s.scope} acquired")
+
+    def whoami_step() -> dict:
+        s: Settings = state["settings"]
+        t = clock()
+        client = DataverseClient(s, state["token"], pool_size=1, read_timeout=15)  # type: ignore[arg-type]
+        state["client"] = client
+        who = client.get("WhoAmI", budget=5)
+        state["user_id"] = who.get("UserId")
+        return _step("whoami", True, (clock() - t) * 1000,
+                     detail=f"application user {who.get('UserId')} in organization {who.get('OrganizationId')}")
+
+    def privileges_step() -> dict:
+        s: Settings = state["settings"]
+        t = clock()
+        client: DataverseClient = state["client"]
+        missing = []
+        for name in PRIVILEGES:
+            path = (f"systemusers({state['user_id']})/Microsoft.Dynamics.CRM."
+                    f"RetrieveUserPrivilegeByPrivilegeName(PrivilegeName='{name}')")
+            if not client.get(path, budget=5).get("RolePrivileges"):
+                missing.append(name)
+        ms = (clock() - t) * 1000
+        if missing:
+            raise IntakeError("dynamics_privilege_missing",
+                              f"The application user's roles lack: {', '.join(missing)}.", fix_args=s.fix_args())
+        return _step("privileges", True, ms, detail=f"holds {', '.join(PRIVILEGES)}")
+
+    failed = False
+    try:
+        runners = (settings_step, keyvault_step, token_step, whoami_step, privileges_step)
+        for name, fn in zip(STEPS, runners, strict=True):
+            if failed:
+                steps.append(_step(name, False, 0.0, "skipped", "An earlier step failed."))
+                continue
+            t = clock()
+            try:
+                steps.append(fn())
+            except IntakeError as err:
+                steps.append(_failed(name, (clock() - t) * 1000, err))
+                failed = True
+    finally:
+        if "client" in state:
+            state["client"].close()
+    warned = any(s["status"] == "warning" for s in steps)
+    status = "failed" if failed else ("degraded" if warned else "ok")
+    return {"status": status, "steps": steps}
+
+
+class _Pinned:
+    """A SecretSource stand-in holding the value the keyvault step just read (no second vault read)."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def get(self) -> str:
+        return self.value
+
+    def refresh(self, rejected: str) -> str:
+        return self.value

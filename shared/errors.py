@@ -1,0 +1,148 @@
+"""One table of failure codes: the same code in logs, HTTP responses and the diagnostics endpoint.
+
+Each code says what happened, what the operator should do, which HTTP status a create endpoint
+answers, and whether the cause lies in the event itself (a queue message is then set aside in
+`<queue>-rejected`) or outside it (the message is retried and, in the end, poisoned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Code:
+    status: int
+    cause: str
+    fix: str
+    in_event: bool = False  # the event can never succeed as sent: reject it, do not retry
+
+
+CODES: dict[str, Code] = {
+    # The event itself.
+    "invalid_request": Code(400, "The request body breaks the contract.",
+                            "Correct the fields listed in details and send again.", True),
+    "unsupported_media_type": Code(415, "The body is not a JSON object.",
+                                   "Send a JSON object with Content-Type: application/json.", True),
+    "payload_too_large": Code(413, "The body is larger than the 64 KiB limit.",
+                              "Send a smaller body; put large text in an attachment instead.", True),
+    "dynamics_payload_rejected": Code(
+        502, "Dataverse rejected the record's columns (HTTP 400/404 with its own code).",
+        "Read the Dataverse code and message: usually an unknown column in attributes, a value too long, "
+        "or a contactId/accountId that does not exist.", True),
+    # Configuration of this app.
+    "config_invalid": Code(503, "An app setting is missing or malformed.",
+                           "Set the named app setting (Function App > Settings > Environment variables)."),
+    # Key Vault.
+    "keyvault_unreachable": Code(503, "Key Vault could not be reached.",
+                                 "Check KEY_VAULT_URL and the app's outbound network; retried automatically."),
+    "keyvault_auth_failed": Code(
+        503, "No identity could get a token for Key Vault.",
+        "In Azure: give the Function App a managed identity (and set AZURE_CLIENT_ID to a user-assigned "
+        "identity's client id). Locally: run 'az login'."),
+    "keyvault_forbidden": Code(
+        502, "The app's identity may not read secrets in the vault.",
+        "Grant the app's managed identity the 'Key Vault Secrets User' role on the vault "
+        "(or a 'get' secret access policy on a vault in access-policy mode)."),
+    "keyvault_secret_missing": Code(
+        502, "The vault has no secret named by DYNAMICS_CLIENT_SECRET_NAME.",
+        "Create the secret {secret_name} in the vault with the app registration's client secret Value, "
+        "or set DYNAMICS_CLIENT_SECRET_NAME to the secret's name."),
+    "keyvault_secret_disabled": Code(502, "The client secret in the vault is disabled.",
+                                     "Enable the secret {secret_name} in the vault, or add a new enabled version."),
+    # Entra ID.
+    "entra_invalid_secret": Code(
+        502, "Entra ID rejected the client secret (AADSTS7000215).",
+        "In Azure portal, App registrations > Certificates & secrets: copy the secret's Value, not its "
+        "Secret ID, into the vault secret {secret_name}."),
+    "entra_secret_expired": Code(
+        502, "The client secret has expired (AADSTS7000222).",
+        "Create a new client secret in App registrations > Certificates & secrets and store its Value as a "
+        "new version of the vault secret {secret_name}; no restart is needed."),
+    "entra_unknown_client": Code(
+        502, "No application with DYNAMICS_CLIENT_ID exists in the tenant (AADSTS700016).",
+        "Set DYNAMICS_CLIENT_ID to the app registration's Application (client) ID, and DYNAMICS_TENANT_ID "
+        "to the tenant it is registered in."),
+    "entra_unknown_tenant": Code(
+        502, "The tenant DYNAMICS_TENANT_ID does not exist (AADSTS90002).",
+        "Set DYNAMICS_TENANT_ID to the Directory (tenant) ID from the app registration's Overview page."),
+    "dynamics_url_wrong_scope": Code(
+        502, "Entra ID knows no resource at DYNAMICS_URL (AADSTS500011).",
+        "Set DYNAMICS_URL to the environment URL from the Power Platform admin center, "
+        "e.g. https://contoso.crm.dynamics.com (not the api. host, no path)."),
+    "entra_unavailable": Code(503, "Entra ID is unreachable or answered a transient error.",
+                              "Nothing to change: retried automatically. Check outbound network if it persists."),
+    "entra_error": Code(502, "Entra ID refused the token request.",
+                        "Read the AADSTS code in detail and look it up in the Entra ID error reference."),
+    # Dataverse.
+    "dynamics_token_rejected": Code(
+        502, "Dataverse rejected a freshly acquired token (401 twice).",
+        "Check that DYNAMICS_URL is the environment the app user was created in, and that the token's "
+        "tenant is the environment's tenant."),
+    "dynamics_app_user_missing": Code(
+        502, "The app registration has no application user in this environment (0x80072560).",
+        "Power Platform admin center > Environments > {environment} > Settings > Application users: "
+        "add the app {client_id} and give it the intake security role."),
+    "dynamics_app_user_disabled": Code(
+        502, "The application user is disabled (0x80040225).",
+        "Power Platform admin center > Application users: activate the application user for {client_id}."),
+    "dynamics_privilege_missing": Code(
+        502, "The application user lacks a privilege (0x80040220).",
+        "Add the missing privilege named in detail to the application user's security role "
+        "(README, Deploy: the role needs create/read on cases, leads and contacts)."),
+    "dynamics_throttled": Code(
+        503, "Dataverse service protection limits are throttling this user (429).",
+        "Nothing to change: wait Retry-After seconds; lower host.json batchSize if it persists."),
+    "dynamics_unavailable": Code(503, "Dataverse answered a server error or did not answer in time.",
+                                 "Nothing to change: retried automatically. Check Dataverse service health."),
+    "dynamics_outcome_unknown": Code(
+        504, "Dataverse timed out on a create without an idempotency key: the record may exist.",
+        "Look the record up before sending again, or send an externalId so retries are safe."),
+    "dynamics_error": Code(502, "Dataverse answered an unexpected error.",
+                           "Read the Dataverse code in detail; the request id identifies it for Microsoft support."),
+    "internal_error": Code(500, "An unexpected error in this app.", "Report it with the correlationId."),
+}
+
+
+class IntakeError(Exception):
+    """A classified failure. `detail` is safe to show: it never holds a secret or a token."""
+
+    def __init__(self, code: str, detail: str = "", *, request_id: str | None = None,
+                 retry_after: float | None = None, details: list[dict] | None = None,
+                 upstream_code: str | None = None, fix_args: dict[str, str] | None = None) -> None:
+        self.code = code
+        self.spec = CODES[code]
+        self.detail = detail or self.spec.cause
+        self.request_id = request_id
+        self.retry_after = retry_after
+        self.details = details
+        self.upstream_code = upstream_code
+        self.fix_args = fix_args or {}
+        super().__init__(f"{code}: {self.detail}")
+
+    @property
+    def status(self) -> int:
+        return self.spec.status
+
+    @property
+    def in_event(self) -> bool:
+        return self.spec.in_event
+
+    @property
+    def fix(self) -> str:
+        try:
+            return self.spec.fix.format(**self.fix_args)
+        except (KeyError, IndexError):
+            return self.spec.fix
+
+    def to_dict(self) -> dict:
+        out: dict = {"code": self.code, "message": self.detail, "fix": self.fix}
+        if self.details:
+            out["details"] = self.details
+        if self.upstream_code:
+            out["upstreamCode"] = self.upstream_code
+        if self.request_id:
+            out["requestId"] = self.request_id
+        if self.retry_after is not None:
+            out["retryAfter"] = self.retry_after
+        return out

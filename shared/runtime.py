@@ -1,0 +1,45 @@
+"""The per-instance objects, built once on first use and shared by every invocation in the process.
+
+Settings, the vault secret, the token and the connection pool live for the life of the worker, so
+the per-request path does none of that work again.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from shared import settings as settings_mod
+from shared.auth import TokenProvider
+from shared.dataverse import DataverseClient
+from shared.intake import Intake
+from shared.secrets import SecretSource
+
+_lock = threading.Lock()
+_intake: Intake | None = None
+_options: dict[str, Any] = {}
+
+
+def intake() -> Intake:
+    """The instance's intake service; raises IntakeError(config_invalid) while a setting is wrong."""
+    global _intake
+    held = _intake
+    if held is not None:
+        return held
+    with _lock:
+        if _intake is None:
+            s = settings_mod.load()
+            tokens = TokenProvider(s, SecretSource(s))
+            _intake = Intake(DataverseClient(s, tokens, **_options))
+        return _intake
+
+
+def reset(**client_options: Any) -> None:
+    """Forget the instance's objects (tests, benchmarks); options go to the next DataverseClient."""
+    global _intake
+    with _lock:
+        if _intake is not None:
+            _intake.client.close()
+        _intake = None
+        _options.clear()
+        _options.update(client_options)

@@ -1,0 +1,132 @@
+"""The Dynamics client secret, read from Key Vault once per instance and kept in memory.
+
+The Azure SDKs are imported on first use: importing them costs more than the rest of the app, and
+the health route and function indexing never need them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared.errors import IntakeError
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VaultSecret:
+    value: str
+    version: str | None
+    enabled: bool
+    expires_on: datetime | None
+
+    def __repr__(self) -> str:  # never let the value reach a log through repr()
+        return f"VaultSecret(version={self.version!r}, enabled={self.enabled}, expires_on={self.expires_on})"
+
+
+def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
+    """Map an azure-core exception from SecretClient to a stable code."""
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ResourceNotFoundError,
+        ServiceRequestError,
+    )
+
+    fix = settings.fix_args()
+    if isinstance(exc, ResourceNotFoundError):
+        return IntakeError("keyvault_secret_missing", f"The vault has no secret named {settings.secret_name!r}.",
+                           fix_args=fix)
+    if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
+        # Raised by the credential, before any answer from the vault: no identity could sign in.
+        return IntakeError("keyvault_auth_failed", "No Azure identity could get a token for Key Vault.", fix_args=fix)
+    if isinstance(exc, HttpResponseError) and exc.status_code == 403:
+        inner = ""
+        err = getattr(exc, "error", None)
+        if err is not None and getattr(err, "innererror", None):
+            inner = (err.innererror or {}).get("code", "")
+        request_id = exc.response.headers.get("x-ms-request-id") if exc.response is not None else None
+        if inner == "SecretDisabled":
+            return IntakeError("keyvault_secret_disabled", f"The vault secret {settings.secret_name!r} is disabled.",
+                               request_id=request_id, upstream_code=inner, fix_args=fix)
+        return IntakeError("keyvault_forbidden", "The app's identity may not read secrets in this vault.",
+                           request_id=request_id, upstream_code=inner or "Forbidden", fix_args=fix)
+    if isinstance(exc, ServiceRequestError) or (isinstance(exc, HttpResponseError) and (exc.status_code or 0) >= 500):
+        return IntakeError("keyvault_unreachable", f"Key Vault at {settings.key_vault_url} did not answer.",
+                           fix_args=fix)
+    status = getattr(exc, "status_code", None)
+    return IntakeError("keyvault_unreachable", f"Key Vault answered HTTP {status}.", fix_args=fix)
+
+
+class SecretSource:
+    """Reads the secret once, and again only when asked (after Entra ID rejected the one held)."""
+
+    def __init__(self, settings: Settings, credential: Any = None) -> None:
+        self._settings = settings
+        self._credential = credential
+        self._client: Any = None
+        self._secret: VaultSecret | None = None
+        self._lock = threading.Lock()
+        self.reads = 0
+
+    def _secret_client(self) -> Any:
+        if self._client is None:
+            from azure.identity import DefaultAzureCredential
+            from azure.keyvault.secrets import SecretClient
+
+            s = self._settings
+            credential = self._credential
+            if credential is None:
+                kwargs: dict[str, Any] = {"exclude_interactive_browser_credential": True}
+                if not s.is_public_authority:
+                    kwargs["disable_instance_discovery"] = True
+                credential = DefaultAzureCredential(**kwargs)
+            vault_host = urlsplit(s.key_vault_url).hostname or ""
+            self._client = SecretClient(
+                s.key_vault_url, credential,
+                # A vault outside *.vault.azure.net (sovereign clouds, the local stand-in) names another resource.
+                verify_challenge_resource=vault_host.endswith(".vault.azure.net"),
+                retry_total=2, retry_backoff_factor=0.2, connection_timeout=5, read_timeout=10)
+        return self._client
+
+    def read(self) -> VaultSecret:
+        """One read from the vault, classified; used by the diagnostics step as well."""
+        try:
+            secret = self._secret_client().get_secret(self._settings.secret_name)
+        except IntakeError:
+            raise
+        except Exception as exc:  # azure-core raises a family of exceptions; classify them all
+            err = _keyvault_error(exc, self._settings)
+            log.warning("key vault read failed: code=%s", err.code)
+            raise err from None
+        finally:
+            self.reads += 1
+        props = secret.properties
+        value = secret.value or ""
+        return VaultSecret(value=value, version=props.version, enabled=bool(props.enabled),
+                           expires_on=props.expires_on)
+
+    def get(self) -> str:
+        """The secret held by this instance, read on first use."""
+        held = self._secret
+        if held is not None:
+            return held.value
+        with self._lock:
+            if self._secret is None:
+                self._secret = self.read()
+            return self._secret.value
+
+    def refresh(self, rejected: str) -> str:
+        """Read the vault again unless another thread already replaced the rejected value."""
+        with self._lock:
+            if self._secret is not None and self._secret.value != rejected:
+                return self._secret.value
+            self._secret = self.read()
+            log.info("client secret re-read from key vault: version=%s", self._secret.version)
+            return self._secret.value

@@ -1,0 +1,254 @@
+"""The intake contract, written once for HTTP and queues: parse, check every field, map to columns.
+
+Every problem is reported at once as {"field", "problem"}; nothing is half-accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import IntakeError
+
+MAX_BODY = 64 * 1024
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+_PHONE = re.compile(r"^\+?[0-9 ()./-]{3,40}$")
+_LOGICAL = re.compile(r"^[a-z][a-z0-9_]*(@odata\.bind)?$")
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: ids from other systems
+
+PRIORITY = {"high": 1, "normal": 2, "low": 3}
+ORIGIN = {"phone": 1, "email": 2, "web": 3}
+
+
+@dataclass(frozen=True)
+class Customer:
+    contact_id: str | None = None
+    account_id: str | None = None
+    email: str | None = None  # normalised: stripped, lower case
+    phone: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+
+
+@dataclass
+class Event:
+    """A validated event: the Dataverse columns it maps to, plus what intake still has to resolve."""
+
+    entity: str  # "incident" | "lead"
+    columns: dict[str, Any]
+    external_id: str | None = None
+    source: str | None = None
+    customer: Customer | None = None
+    problems: list[dict] = field(default_factory=list)
+
+
+def parse_json(body: bytes) -> dict:
+    """The body as a JSON object, or the error that says why not."""
+    if len(body) > MAX_BODY:
+        raise IntakeError("payload_too_large", f"The body is {len(body)} bytes; the limit is {MAX_BODY}.")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise IntakeError("unsupported_media_type", "The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise IntakeError("unsupported_media_type", "The body must be a JSON object.")
+    return data
+
+
+class _Checker:
+    def __init__(self, data: dict) -> None:
+        self.data = data
+        self.problems: list[dict] = []
+
+    def add(self, name: str, problem: str) -> None:
+        self.problems.append({"field": name, "problem": problem})
+
+    def text(self, name: str, *, max_len: int, required: bool = False, obj: dict | None = None,
+             prefix: str = "") -> str | None:
+        src = self.data if obj is None else obj
+        value = src.get(name)
+        label = prefix + name
+        if value is None:
+            if required:
+                self.add(label, "required")
+            return None
+        if not isinstance(value, str):
+            self.add(label, "must be a string")
+            return None
+        value = value.strip()
+        if not value:
+            if required:
+                self.add(label, "required")
+            return None
+        if len(value) > max_len:
+            self.add(label, f"must be at most {max_len} characters")
+            return None
+        if any(ord(c) < 32 and c not in "\t\r\n" for c in value):
+            self.add(label, "must not contain control characters")
+            return None
+        return value
+
+    def choice(self, name: str, options: dict[str, int]) -> int | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or value.lower() not in options:
+            self.add(name, f"must be one of {', '.join(options)}")
+            return None
+        return options[value.lower()]
+
+    def keys(self) -> tuple[str | None, str | None]:
+        ext = self.text("externalId", max_len=200)
+        if ext is not None and not _KEY.match(ext):
+            self.add("externalId", "must be printable ASCII without spaces")
+            ext = None
+        src = self.text("source", max_len=100)
+        if src is not None and not _KEY.match(src):
+            self.add("source", "must be printable ASCII without spaces")
+            src = None
+        return ext, src
+
+    def email(self, obj: dict | None = None, prefix: str = "", name: str = "email") -> str | None:
+        value = self.text(name, max_len=100, obj=obj, prefix=prefix)
+        if value is not None and not _EMAIL.match(value):
+            self.add(prefix + name, "must be an email address")
+            return None
+        return value.lower() if value else None
+
+    def phone(self, obj: dict | None = None, prefix: str = "", name: str = "phone") -> str | None:
+        value = self.text(name, max_len=50, obj=obj, prefix=prefix)
+        if value is not None and not _PHONE.match(value):
+            self.add(prefix + name, "must be a phone number: digits, spaces, + ( ) . / -")
+            return None
+        return value
+
+    def attributes(self, reserved: frozenset[str]) -> dict[str, Any]:
+        attrs = self.data.get("attributes")
+        if attrs is None:
+            return {}
+        if not isinstance(attrs, dict):
+            self.add("attributes", "must be an object")
+            return {}
+        out: dict[str, Any] = {}
+        for key, value in attrs.items():
+            label = f"attributes.{key}"
+            if not isinstance(key, str) or not _LOGICAL.match(key) or len(key) > 100:
+                self.add(label, "must be a Dataverse logical name (^[a-z][a-z0-9_]*$, optionally @odata.bind)")
+            elif key in reserved or key.split("@")[0] in reserved:
+                self.add(label, "is set by the contract and may not be overridden")
+            elif value is not None and not isinstance(value, (str, int, float, bool)):
+                self.add(label, "must be a string, number, boolean or null")
+            else:
+                out[key] = value
+        return out
+
+    def unknown(self, allowed: frozenset[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                self.add(str(key)[:100], "is not a field of this contract")
+
+
+_CASE_FIELDS = frozenset({"title", "description", "priority", "origin", "customer", "externalId", "source",
+                          "attributes"})
+_CASE_RESERVED = frozenset({"incidentid", "title", "description", "prioritycode", "caseorigincode", "customerid",
+                            "customerid_contact", "customerid_account"})
+_LEAD_FIELDS = frozenset({"lastName", "firstName", "email", "company", "phone", "subject", "description",
+                          "externalId", "source", "attributes"})
+_LEAD_RESERVED = frozenset({"leadid", "lastname", "firstname", "emailaddress1", "companyname", "telephone1",
+                            "subject", "description", "fullname"})
+_CUSTOMER_WAYS = ("contactId", "accountId", "email", "phone")
+
+
+def _customer(c: _Checker) -> Customer | None:
+    raw = c.data.get("customer")
+    if raw is None:
+        c.add("customer", "required")
+        return None
+    if not isinstance(raw, dict):
+        c.add("customer", "must be an object")
+        return None
+    ways = [w for w in _CUSTOMER_WAYS if raw.get(w) not in (None, "")]
+    if "contactId" in ways or "accountId" in ways:
+        if len(ways) != 1 or set(raw) - {"contactId", "accountId"}:
+            c.add("customer", "give exactly one of contactId, accountId, or contact details (email or phone)")
+            return None
+        way = ways[0]
+        value = raw[way]
+        if not isinstance(value, str) or not _GUID.match(value):
+            c.add(f"customer.{way}", "must be a GUID")
+            return None
+        return Customer(contact_id=value.lower()) if way == "contactId" else Customer(account_id=value.lower())
+    extra = set(raw) - {"email", "phone", "firstName", "lastName"}
+    for key in sorted(extra):
+        c.add(f"customer.{str(key)[:100]}", "is not a field of customer")
+    if not ways:
+        c.add("customer", "give one of contactId, accountId, email or phone")
+        return None
+    email = c.email(raw, "customer.")
+    phone = c.phone(raw, "customer.")
+    first = c.text("firstName", max_len=50, obj=raw, prefix="customer.")
+    last = c.text("lastName", max_len=50, obj=raw, prefix="customer.")
+    if email is None and phone is None:
+        return None
+    if email is None and last is None and "customer.lastName" not in {p["field"] for p in c.problems}:
+        c.add("customer.lastName", "required when the customer is given by phone")
+    return Customer(email=email, phone=phone, first_name=first, last_name=last)
+
+
+def parse_case(data: dict) -> Event:
+    """Check a case event and map it to incident columns (all problems at once)."""
+    c = _Checker(data)
+    c.unknown(_CASE_FIELDS)
+    columns: dict[str, Any] = {}
+    title = c.text("title", max_len=200, required=True)
+    description = c.text("description", max_len=2000)
+    priority = c.choice("priority", PRIORITY)
+    origin = c.choice("origin", ORIGIN)
+    customer = _customer(c)
+    ext, src = c.keys()
+    attrs = c.attributes(_CASE_RESERVED)
+    if c.problems:
+        raise IntakeError("invalid_request", _summary(c.problems), details=c.problems)
+    columns.update(attrs)
+    columns["title"] = title
+    if description is not None:
+        columns["description"] = description
+    columns["prioritycode"] = priority or PRIORITY["normal"]
+    if origin is not None:
+        columns["caseorigincode"] = origin
+    return Event("incident", columns, ext, src, customer)
+
+
+def parse_lead(data: dict) -> Event:
+    """Check a lead event and map it to lead columns (all problems at once)."""
+    c = _Checker(data)
+    c.unknown(_LEAD_FIELDS)
+    last = c.text("lastName", max_len=50, required=True)
+    first = c.text("firstName", max_len=50)
+    email = c.email()
+    company = c.text("company", max_len=100)
+    phone = c.phone()
+    subject = c.text("subject", max_len=300)
+    description = c.text("description", max_len=2000)
+    ext, src = c.keys()
+    attrs = c.attributes(_LEAD_RESERVED)
+    if c.problems:
+        raise IntakeError("invalid_request", _summary(c.problems), details=c.problems)
+    columns: dict[str, Any] = dict(attrs)
+    columns["lastname"] = last
+    name = f"{first} {last}" if first else last
+    columns["subject"] = subject or (f"{name} ({company})" if company else name)[:300]
+    for column, value in (("firstname", first), ("emailaddress1", email), ("companyname", company),
+                          ("telephone1", phone), ("description", description)):
+        if value is not None:
+            columns[column] = value
+    return Event("lead", columns, ext, src)
+
+
+def _summary(problems: list[dict]) -> str:
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first['field']}: {first['problem']}{more}"

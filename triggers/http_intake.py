@@ -1,0 +1,64 @@
+"""HTTP routes that create cases and leads and answer with the new record's id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import azure.functions as func
+
+from shared import runtime
+from shared.errors import IntakeError
+from shared.validation import Event, parse_case, parse_json, parse_lead
+
+log = logging.getLogger("intake.http")
+bp = func.Blueprint()
+
+HTTP_BUDGET = 15.0  # seconds a caller on the line may wait, throttling included
+_JSON = "application/json"
+
+
+def error_response(err: IntakeError, correlation_id: str) -> func.HttpResponse:
+    body = {"error": {**err.to_dict(), "correlationId": correlation_id}}
+    headers = {}
+    if err.status == 503:
+        headers["Retry-After"] = str(max(1, round(err.retry_after if err.retry_after is not None else 5)))
+    return func.HttpResponse(json.dumps(body), status_code=err.status, mimetype=_JSON, headers=headers)
+
+
+def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict], Event]) -> func.HttpResponse:
+    started = time.perf_counter()
+    invocation = context.invocation_id
+    entity = "incident" if parse is parse_case else "lead"
+    try:
+        event = parse(parse_json(req.get_body()))
+        key = req.headers.get("Idempotency-Key")
+        if key is not None and not (0 < len(key) <= 200 and key.isprintable() and key.isascii()):
+            raise IntakeError("invalid_request", "Idempotency-Key must be 1-200 printable ASCII characters.",
+                              details=[{"field": "Idempotency-Key", "problem": "must be 1-200 printable ASCII"}])
+        outcome = runtime.intake().submit(event, key=key, budget=HTTP_BUDGET)
+    except IntakeError as err:
+        log.warning("intake failed: invocation=%s entity=%s code=%s status=%s request_id=%s ms=%.0f",
+                    invocation, entity, err.code, err.status, err.request_id or "-",
+                    (time.perf_counter() - started) * 1000)
+        return error_response(err, invocation)
+    except Exception:
+        log.exception("intake crashed: invocation=%s entity=%s", invocation, entity)
+        return error_response(IntakeError("internal_error"), invocation)
+    log.info("intake done: invocation=%s entity=%s id=%s created=%s request_id=%s ms=%.0f",
+             invocation, outcome.entity, outcome.id, outcome.created, outcome.request_id or "-",
+             (time.perf_counter() - started) * 1000)
+    body = {"id": outcome.id, "entity": outcome.entity, "created": outcome.created}
+    return func.HttpResponse(json.dumps(body), status_code=201 if outcome.created else 200, mimetype=_JSON)
+
+
+@bp.route(route="cases", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def create_case(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
+    return _handle(req, context, parse_case)
+
+
+@bp.route(route="leads", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def create_lead(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
+    return _handle(req, context, parse_lead)
