@@ -1,0 +1,162 @@
+// Dynamics 365 intake on Azure Functions: everything `azd up` provisions.
+//
+// One resource group holding a Function App on the Flex Consumption plan, run as a user-assigned managed
+// identity that reaches storage, Key Vault and Application Insights with Entra ID only: no storage key,
+// no instrumentation key and no secret is ever written to an app setting. The Dynamics 365 client
+// secret lives in the vault; the app reads it at run time.
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the azd environment; names the resource group and seeds the unique resource names.')
+param environmentName string
+
+@minLength(1)
+@description('Region for every resource. It must offer the Flex Consumption plan (az functionapp list-flexconsumption-locations).')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Object id of the user or service principal running azd (azd fills AZURE_PRINCIPAL_ID). When set, it may write secrets to the vault.')
+param principalId string = ''
+
+// The settings the app reads (shared/settings.py, SETTINGS). Each required one is fed from the azd
+// environment variable of the same name, see main.parameters.json.
+@minLength(1)
+@description('DYNAMICS_URL: the Dataverse environment URL, e.g. https://contoso.crm.dynamics.com')
+param dynamicsUrl string
+
+@minLength(1)
+@description('DYNAMICS_TENANT_ID: Directory (tenant) ID of the Dynamics app registration.')
+param dynamicsTenantId string
+
+@minLength(1)
+@description('DYNAMICS_CLIENT_ID: Application (client) ID of the Dynamics app registration.')
+param dynamicsClientId string
+
+@description('DYNAMICS_CLIENT_SECRET_NAME: name of the vault secret holding the client secret; empty means the default.')
+param dynamicsClientSecretName string = ''
+
+@description('DYNAMICS_API_VERSION: Dataverse Web API version; empty means the default.')
+param dynamicsApiVersion string = ''
+
+@description('AZURE_AUTHORITY_HOST: Entra ID authority host; empty means the login endpoint of the cloud deployed to.')
+param azureAuthorityHost string = ''
+
+@secure()
+@description('The app registration\'s client secret Value. Optional: when empty, no secret is written and you put it in the vault yourself.')
+param dynamicsClientSecret string = ''
+
+// An empty value means the default, as it does in the app (shared/settings.py, same defaults): azd leaves
+// an unset variable empty, and so may `az deployment sub create -p main.parameters.json` or a pipeline.
+var clientSecretName = empty(dynamicsClientSecretName) ? 'dynamics-client-secret' : dynamicsClientSecretName
+var apiVersion = empty(dynamicsApiVersion) ? 'v9.2' : dynamicsApiVersion
+var authorityHost = empty(azureAuthorityHost) ? environment().authentication.loginEndpoint : azureAuthorityHost
+
+// The queues the app reads (cases, leads), writes (-rejected) and the host moves failures to (-poison).
+var queueNames = [
+  'cases'
+  'leads'
+  'cases-rejected'
+  'leads-rejected'
+  'cases-poison'
+  'leads-poison'
+]
+
+var tags = {
+  'azd-env-name': environmentName
+}
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var functionAppName = 'func-${resourceToken}'
+
+resource rg 'Microsoft.Resources/resourceGroups@2021-04-01' = {
+  name: 'rg-${environmentName}'
+  location: location
+  tags: tags
+}
+
+module identity 'modules/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: 'id-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: 'log-${resourceToken}'
+    appInsightsName: 'appi-${resourceToken}'
+    location: location
+    tags: tags
+    principalId: identity.outputs.principalId
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: 'st${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainerName: 'app-package'
+    queueNames: queueNames
+    principalId: identity.outputs.principalId
+  }
+}
+
+module keyVault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  scope: rg
+  params: {
+    name: 'kv-${resourceToken}'
+    location: location
+    tags: tags
+    principalId: identity.outputs.principalId
+    deployerPrincipalId: principalId
+    secretName: clientSecretName
+    secretValue: dynamicsClientSecret
+  }
+}
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  scope: rg
+  params: {
+    name: functionAppName
+    planName: 'plan-${resourceToken}'
+    location: location
+    tags: tags
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageBlobEndpoint: storage.outputs.blobEndpoint
+    storageQueueEndpoint: storage.outputs.queueEndpoint
+    deploymentContainerName: storage.outputs.deploymentContainerName
+    appInsightsConnectionString: monitoring.outputs.connectionString
+    dynamicsUrl: dynamicsUrl
+    dynamicsTenantId: dynamicsTenantId
+    dynamicsClientId: dynamicsClientId
+    keyVaultUrl: keyVault.outputs.url
+    dynamicsClientSecretName: clientSecretName
+    dynamicsApiVersion: apiVersion
+    azureAuthorityHost: authorityHost
+  }
+}
+
+// Outputs azd stores in .azure/<environment>/.env
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
+output AZURE_FUNCTION_APP_URL string = functionApp.outputs.url
+output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
+output AZURE_KEY_VAULT_URI string = keyVault.outputs.vaultUri
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name

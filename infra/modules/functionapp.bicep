@@ -1,0 +1,162 @@
+// The Function App on the Flex Consumption plan, running as the user-assigned identity.
+param name string
+param planName string
+param location string
+param tags object = {}
+
+@description('Resource id of the user-assigned managed identity the app runs as.')
+param identityId string
+@description('Client id of that identity (AZURE_CLIENT_ID, AzureWebJobsStorage__clientId).')
+param identityClientId string
+
+param storageBlobEndpoint string
+param storageQueueEndpoint string
+param deploymentContainerName string
+param appInsightsConnectionString string
+
+// The app's own settings (shared/settings.py, SETTINGS).
+param dynamicsUrl string
+param dynamicsTenantId string
+param dynamicsClientId string
+param keyVaultUrl string
+param dynamicsClientSecretName string
+param dynamicsApiVersion string
+param azureAuthorityHost string
+
+@allowed([
+  '3.11'
+  '3.12'
+])
+param pythonVersion string = '3.11'
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+@description('Upper bound on instances the plan scales out to (Flex Consumption allows up to 1000).')
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storageBlobEndpoint}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        instanceMemoryMB: instanceMemoryMB
+        maximumInstanceCount: maximumInstanceCount
+      }
+      runtime: {
+        name: 'python'
+        version: pythonVersion
+      }
+    }
+    siteConfig: {
+      minTlsVersion: '1.2'
+      // Flex Consumption takes the runtime from functionAppConfig: no FUNCTIONS_WORKER_RUNTIME or
+      // FUNCTIONS_EXTENSION_VERSION here (the platform rejects them).
+      appSettings: [
+        // Host storage, by identity.
+        {
+          name: 'AzureWebJobsStorage__credential'
+          value: 'managedidentity'
+        }
+        {
+          name: 'AzureWebJobsStorage__clientId'
+          value: identityClientId
+        }
+        {
+          name: 'AzureWebJobsStorage__blobServiceUri'
+          value: storageBlobEndpoint
+        }
+        {
+          name: 'AzureWebJobsStorage__queueServiceUri'
+          value: storageQueueEndpoint
+        }
+        // Telemetry, by identity.
+        {
+          name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+          value: appInsightsConnectionString
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+          value: 'ClientId=${identityClientId};Authorization=AAD'
+        }
+        // DefaultAzureCredential picks the user-assigned identity by this client id (Key Vault).
+        {
+          name: 'AZURE_CLIENT_ID'
+          value: identityClientId
+        }
+        // The app's settings.
+        {
+          name: 'DYNAMICS_URL'
+          value: dynamicsUrl
+        }
+        {
+          name: 'DYNAMICS_TENANT_ID'
+          value: dynamicsTenantId
+        }
+        {
+          name: 'DYNAMICS_CLIENT_ID'
+          value: dynamicsClientId
+        }
+        {
+          name: 'KEY_VAULT_URL'
+          value: keyVaultUrl
+        }
+        {
+          name: 'DYNAMICS_CLIENT_SECRET_NAME'
+          value: dynamicsClientSecretName
+        }
+        {
+          name: 'DYNAMICS_API_VERSION'
+          value: dynamicsApiVersion
+        }
+        {
+          name: 'AZURE_AUTHORITY_HOST'
+          value: azureAuthorityHost
+        }
+      ]
+    }
+  }
+}
+
+output name string = site.name
+output url string = 'https://${site.properties.defaultHostName}'
