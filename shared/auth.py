@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -45,35 +46,58 @@ class Token:
         return f"Token(expires_on={self.expires_on})"
 
 
-def entra_error(exc: Exception, settings: Settings) -> IntakeError:
-    """Classify a failed token request by the AADSTS number in Entra ID's JSON answer."""
-    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+_AADSTS_RE = re.compile(r"\bAADSTS(\d+)\b")
+_ID_RE = re.compile(r"\b(Trace|Correlation) ID: ([0-9a-fA-F-]{36})")
 
-    fix = settings.fix_args()
-    body: dict = {}
+
+def _entra_answer(exc: Exception) -> dict:
+    """Entra ID's JSON error, from the response when azure-identity kept it, else from its message.
+
+    azure-identity 1.27 raises ClientAuthenticationError without the response for MSAL-handled errors;
+    its message then carries Entra ID's error_description, which starts with the AADSTS number and
+    ends with the trace and correlation ids.
+    """
     response = getattr(exc, "response", None)
     if response is not None:
         try:
             body = json.loads(response.text() or "{}")
+            if isinstance(body, dict) and body:
+                return body
         except (ValueError, TypeError, AttributeError):
-            body = {}
+            pass
+    text = str(exc)
+    body: dict = {}
+    numbers = [int(n) for n in _AADSTS_RE.findall(text)]
+    if numbers:
+        body["error_codes"] = numbers
+    for kind, value in _ID_RE.findall(text):
+        body["trace_id" if kind == "Trace" else "correlation_id"] = value
+    return body
+
+
+def entra_error(exc: Exception, settings: Settings) -> IntakeError:
+    """Classify a failed token request by its AADSTS number, never by the description text."""
+    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+
+    fix = settings.fix_args()
+    body = _entra_answer(exc)
+    response = getattr(exc, "response", None)
     codes = body.get("error_codes") or []
     ids = ", ".join(f"{k}={body[k]}" for k in ("trace_id", "correlation_id") if body.get(k))
     request_id = body.get("correlation_id") or None
     for number in codes:
         if number in _AADSTS:
             code = _AADSTS[number]
-            return IntakeError(code, f"Entra ID answered AADSTS{number} ({body.get('error', '')}). {ids}".strip(),
+            return IntakeError(code, f"Entra ID answered AADSTS{number}. {ids}".strip(),
                                request_id=request_id, upstream_code=f"AADSTS{number}", fix_args=fix)
     if body.get("error") == "temporarily_unavailable" or (response is not None and response.status_code >= 500):
         return IntakeError("entra_unavailable", f"Entra ID is temporarily unavailable. {ids}".strip(),
                            request_id=request_id, fix_args=fix)
-    if body:
-        number = f"AADSTS{codes[0]}" if codes else body.get("error", "")
+    if codes or body.get("error"):
+        number = f"AADSTS{codes[0]}" if codes else str(body.get("error"))
         return IntakeError("entra_error", f"Entra ID refused the token request: {number}. {ids}".strip(),
-                           request_id=request_id, upstream_code=number or None, fix_args=fix)
-    text = str(exc)
-    if "authority configuration" in text or "tenant" in text.lower() and "not found" in text.lower():
+                           request_id=request_id, upstream_code=number, fix_args=fix)
+    if "authority configuration" in str(exc):
         # MSAL fetches the tenant's OpenID metadata first; Entra answers AADSTS90002 there.
         return IntakeError("entra_unknown_tenant", "Entra ID has no OpenID configuration for DYNAMICS_TENANT_ID.",
                            upstream_code="AADSTS90002", fix_args=fix)

@@ -6,6 +6,7 @@ the per-request path does none of that work again.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -43,3 +44,8 @@ def reset(**client_options: Any) -> None:
         _intake = None
         _options.clear()
         _options.update(client_options)
+
+
+# azure-core logs every request's headers at INFO; the host would ship them all. Warnings still pass.
+for _name in ("azure.core.pipeline.policies.http_logging_policy", "azure.identity"):
+    logging.getLogger(_name).setLevel(logging.WARNING)

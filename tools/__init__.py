@@ -1,0 +1,1 @@
+"""Developer and test tooling (not deployed)."""

@@ -1,0 +1,314 @@
+"""Microsoft Entra ID stand-in: OpenID metadata and the v2 client-credentials token endpoint."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import parse_qs, unquote
+
+from .base import HandlerFn, HttpError, Request, Response, Route, format_retry_after, json_response
+from .state import Fault, State, secret_value
+
+VAULT_RESOURCE = "https://vault.azure.net"
+
+MESSAGES = {
+    90002: "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
+           "into the correct cloud. Check with your subscription administrator, this may happen if there are "
+           "no active subscriptions for the tenant.",
+    700016: "Application with identifier '{client_id}' was not found in the directory '{tenant}'. This "
+            "can happen if the application has not been installed by the administrator of the tenant or "
+            "consented to by any user in the tenant. You may have sent your authentication request to the "
+            "wrong tenant.",
+    7000215: "Invalid client secret provided. Ensure the secret being sent in the request is the client "
+             "secret value, not the client secret ID, for a secret added to app '{client_id}'.",
+    7000222: "The provided client secret keys for app '{client_id}' are expired. Visit the Azure portal to "
+             "create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate "
+             "credentials for added security: https://aka.ms/certCreds.",
+    7000218: "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+    500011: "The resource principal named {resource} was not found in the tenant named {tenant}. This "
+            "can happen if the application has not been installed by the administrator of the tenant or "
+            "consented to by any user in the tenant. You might have sent your authentication request to the "
+            "wrong tenant.",
+    1002012: "The provided value for scope {scope} is not valid. Client credential flows must have a scope "
+             "value with /.default suffixed to the resource identifier (application ID URI).",
+    900144: "The request body must contain the following parameter: '{param}'.",
+    70003: "The app requested an unsupported grant type '{grant}'.",
+    90024: "A transient error has occurred. Please try again.",
+    50196: "The server terminated an operation because it encountered a client request loop.",
+}
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a bearer token stands for."""
+
+    client_id: str
+    audience: str
+    expires_at: float
+    generation: int
+
+
+class Directory:
+    """Tenant directory: app registrations with their secrets, and every token issued (thread-safe)."""
+
+    def __init__(self, state: State, token_lifetime: int) -> None:
+        self.state = state
+        self.token_lifetime = token_lifetime
+        self._lock = threading.Lock()
+        self._apps: dict[str, dict[str, str]] = {}
+        self._tokens: dict[str, TokenInfo] = {}
+        self._issued: list[str] = []
+        self._generation = 0
+
+    def add_app(self, client_id: str, secret: str) -> None:
+        with self._lock:
+            self._apps[client_id] = {secret: "valid"}
+
+    def has_app(self, client_id: str) -> bool:
+        with self._lock:
+            return client_id in self._apps
+
+    def add_secret(self, client_id: str, value: str | None = None) -> str:
+        with self._lock:
+            value = value or secret_value(self.state.rng)
+            self._apps[client_id][value] = "valid"
+            return value
+
+    def expire_secret(self, client_id: str, value: str) -> None:
+        with self._lock:
+            self._apps[client_id][value] = "expired"
+
+    def remove_secret(self, client_id: str, value: str) -> None:
+        with self._lock:
+            self._apps[client_id].pop(value, None)
+
+    def secret_status(self, client_id: str, value: str) -> str | None:
+        """"valid", "expired", or None when the app has no such secret."""
+        with self._lock:
+            return self._apps.get(client_id, {}).get(value)
+
+    def issue(self, client_id: str, audience: str) -> tuple[str, int]:
+        token = "sti1." + secrets.token_urlsafe(32)
+        with self._lock:
+            lifetime = self.token_lifetime
+            self._tokens[token] = TokenInfo(client_id, audience, time.time() + lifetime, self._generation)
+            self._issued.append(token)
+        return token, lifetime
+
+    def revoke_all(self) -> None:
+        """Every token issued so far stops working at Dataverse; later ones work."""
+        with self._lock:
+            self._generation += 1
+
+    def check(self, token: str, audience: str, honour_revocation: bool = True) -> TokenInfo | None:
+        """The token's info when it is known, for ``audience``, unexpired and (optionally) not revoked."""
+        with self._lock:
+            info = self._tokens.get(token)
+            if info is None or info.audience != audience or info.expires_at <= time.time():
+                return None
+            if honour_revocation and info.generation < self._generation:
+                return None
+            return info
+
+    def issued(self) -> list[str]:
+        with self._lock:
+            return list(self._issued)
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+class EntraService:
+    """Listener A."""
+
+    name = "entra"
+    control = None
+
+    def __init__(self, state: State, directory: Directory) -> None:
+        self.state = state
+        self.directory = directory
+
+    @property
+    def base(self) -> str:
+        return self.state.urls["entra"]
+
+    # ---- errors -------------------------------------------------------------------------------------
+    def error(self, req: Request, status: int, error: str, code: int, text: str | None = None,
+              retry_after: float | None = None, **fmt: str) -> Response:
+        trace_id = str(uuid.uuid4())
+        corr = req.header("client-request-id") or str(uuid.uuid4())
+        stamp = _stamp()
+        text = text or MESSAGES.get(code, "An error occurred.").format(**fmt)
+        body = {
+            "error": error,
+            "error_description": f"AADSTS{code}: {text}\r\nTrace ID: {trace_id}\r\n"
+                                 f"Correlation ID: {corr}\r\nTimestamp: {stamp}",
+            "error_codes": [code],
+            "timestamp": stamp,
+            "trace_id": trace_id,
+            "correlation_id": corr,
+            "error_uri": f"{self.base}/error?code={code}",
+        }
+        resp = json_response(status, body, headers=[("x-ms-request-id", trace_id)])
+        if retry_after is not None:
+            resp.header("Retry-After", format_retry_after(retry_after))
+        return resp
+
+    def fault_response(self, req: Request, fault: Fault) -> Response:
+        code = int(fault.code) if fault.code is not None else 90024
+        if fault.status in (429,) or fault.status >= 500:
+            error = "temporarily_unavailable"
+        elif fault.status == 401:
+            error = "invalid_client"
+        else:
+            error = "invalid_request"
+        if isinstance(fault.code, str) and not fault.code.isdigit():
+            error, code = fault.code, 90024
+        retry = fault.retry_after if fault.retry_after is not None else (1 if fault.status == 429 else None)
+        return self.error(req, fault.status, error, code, fault.message, retry)
+
+    def finalize(self, req: Request, resp: Response) -> None:
+        cid = req.header("client-request-id")
+        if cid:
+            resp.header("client-request-id", cid)
+        resp.header("Cache-Control", "no-store, no-cache")
+
+    # ---- routing ------------------------------------------------------------------------------------
+    def route(self, req: Request) -> Route:
+        parts = [p for p in req.path.split("/") if p]
+        m = req.method
+        if parts == ["common", "discovery", "instance"]:
+            return "instance_discovery", self._allow(m, "GET", self.instance_discovery)
+        if len(parts) == 4 and parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
+            return "openid", self._allow(m, "GET", self.openid)
+        if len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "token"]:
+            return "token", self._allow(m, "POST", self.token)
+        if len(parts) == 4 and parts[1:] == ["discovery", "v2.0", "keys"]:
+            return "keys", self._allow(m, "GET", self.keys)
+        raise HttpError(json_response(404, {"error": "not_found",
+                                            "error_description": f"No route for {req.path}."}))
+
+    def _allow(self, method: str, expected: str, fn: HandlerFn) -> HandlerFn:
+        if method != expected:
+            raise HttpError(json_response(405, {"error": "invalid_request",
+                                                "error_description": f"AADSTS900561: The endpoint only "
+                                                                     f"accepts {expected} requests."}))
+        return fn
+
+    def _tenant(self, req: Request) -> str:
+        tenant = unquote(req.path.strip("/").split("/")[0])
+        if tenant.lower() != self.state.ids.tenant_id:
+            raise HttpError(self.error(req, 400, "invalid_tenant", 90002, tenant=tenant))
+        return self.state.ids.tenant_id
+
+    # ---- endpoints ----------------------------------------------------------------------------------
+    def openid(self, req: Request) -> Response:
+        t = self._tenant(req)
+        a = f"{self.base}/{t}"
+        doc = {
+            "token_endpoint": f"{a}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
+                                                      "client_secret_basic"],
+            "jwks_uri": f"{a}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{a}/v2.0",
+            "request_uri_parameter_supported": False,
+            "userinfo_endpoint": f"{self.base}/oidc/userinfo",
+            "authorization_endpoint": f"{a}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{a}/oauth2/v2.0/devicecode",
+            "http_logout_supported": True,
+            "frontchannel_logout_supported": True,
+            "end_session_endpoint": f"{a}/oauth2/v2.0/logout",
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "nonce", "tid",
+                                 "ver"],
+            "kerberos_endpoint": f"{a}/kerberos",
+            "tenant_region_scope": "EU",
+            "cloud_instance_name": "microsoftonline.com",
+            "cloud_graph_host_name": "graph.windows.net",
+            "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
+        }
+        return json_response(200, doc)
+
+    def keys(self, req: Request) -> Response:
+        self._tenant(req)
+        return json_response(200, {"keys": []})
+
+    def instance_discovery(self, req: Request) -> Response:
+        """MSAL instance discovery; the tenant comes from the ``authorization_endpoint`` parameter."""
+        host = self.base.split("://", 1)[1]
+        endpoint = (req.query.get("authorization_endpoint") or [""])[-1]
+        tenant = self.state.ids.tenant_id
+        if "://" in endpoint:
+            segs = [s for s in endpoint.split("://", 1)[1].split("/")[1:] if s]
+            tenant = segs[0] if segs else tenant
+        return json_response(200, {
+            "tenant_discovery_endpoint": f"{self.base}/{tenant}/v2.0/.well-known/openid-configuration",
+            "api-version": "1.1",
+            "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+        })
+
+    def token(self, req: Request) -> Response:
+        tenant = self._tenant(req)
+        ctype = (req.header("Content-Type") or "").lower()
+        if "application/x-www-form-urlencoded" not in ctype:
+            return self.error(req, 400, "invalid_request", 900144, param="grant_type")
+        form = {k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace"),
+                                              keep_blank_values=True).items()}
+        client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        basic = req.header("Authorization") or ""
+        if basic.lower().startswith("basic "):
+            try:
+                user, _, pwd = base64.b64decode(basic[6:]).decode("utf-8").partition(":")
+                client_id, secret = unquote(user), unquote(pwd)
+            except ValueError:
+                pass
+        grant = form.get("grant_type", "")
+        if not grant:
+            return self.error(req, 400, "invalid_request", 900144, param="grant_type")
+        if grant != "client_credentials":
+            return self.error(req, 400, "unsupported_grant_type", 70003, grant=grant)
+        if not client_id:
+            return self.error(req, 400, "invalid_request", 900144, param="client_id")
+        if not self.directory.has_app(client_id):
+            return self.error(req, 400, "unauthorized_client", 700016, client_id=client_id, tenant=tenant)
+        if not secret:
+            return self.error(req, 401, "invalid_client", 7000218)
+        status = self.directory.secret_status(client_id, secret)
+        if status is None:
+            return self.error(req, 401, "invalid_client", 7000215, client_id=client_id)
+        if status == "expired":
+            return self.error(req, 401, "invalid_client", 7000222, client_id=client_id)
+        scope = form.get("scope", "")
+        if not scope:
+            return self.error(req, 400, "invalid_request", 900144, param="scope")
+        wanted = [s for s in scope.split() if s not in ("openid", "profile", "offline_access")]
+        if len(wanted) != 1 or not wanted[0].endswith("/.default"):
+            return self.error(req, 400, "invalid_scope", 1002012, scope=scope)
+        resource = wanted[0][: -len("/.default")]
+        audience = self.audience_for(resource)
+        if audience is None:
+            return self.error(req, 400, "invalid_resource", 500011, resource=resource, tenant=tenant)
+        token, lifetime = self.directory.issue(client_id, audience)
+        return json_response(200, {"token_type": "Bearer", "expires_in": lifetime,
+                                   "ext_expires_in": lifetime, "access_token": token})
+
+    def audience_for(self, resource: str) -> str | None:
+        """Canonical audience for a requested resource, or None when no such resource principal exists."""
+        res = resource.rstrip("/").lower()
+        dv = self.state.urls["dataverse"]
+        if res in (dv.lower(), dv.lower().replace("127.0.0.1", "localhost")):
+            return dv
+        if res == VAULT_RESOURCE:
+            return VAULT_RESOURCE
+        return None
