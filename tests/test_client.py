@@ -265,7 +265,6 @@ def test_deleted_cached_contact_is_resolved_again(stack):
 
 
 def test_token_is_refreshed_before_expiry_not_after(stack):
-    si = stack.si
     s = load()
     now = [time.time()]
     tokens = TokenProvider(s, SecretSource(s), clock=lambda: now[0])

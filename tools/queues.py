@@ -30,8 +30,13 @@ def azurite_connection_string(queue_port: int = 10001, host: str = "127.0.0.1") 
 
 def queue_client(conn_str: str, queue: str, *, binary: bool = False) -> Any:
     """A QueueClient that writes base64, as the Functions host reads; reads base64 back to text or bytes."""
-    from azure.storage.queue import (BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient,
-                                     TextBase64DecodePolicy, TextBase64EncodePolicy)
+    from azure.storage.queue import (
+        BinaryBase64DecodePolicy,
+        BinaryBase64EncodePolicy,
+        QueueClient,
+        TextBase64DecodePolicy,
+        TextBase64EncodePolicy,
+    )
 
     if conn_str == AZURITE:
         conn_str = azurite_connection_string()
