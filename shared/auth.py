@@ -97,6 +97,9 @@ def entra_error(exc: Exception, settings: Settings) -> IntakeError:
         number = f"AADSTS{codes[0]}" if codes else str(body.get("error"))
         return IntakeError("entra_error", f"Entra ID refused the token request: {number}. {ids}".strip(),
                            request_id=request_id, upstream_code=number, fix_args=fix)
+    http_status = re.search(r"HTTP Error: (\d{3})", str(exc))  # MSAL's words for a failed metadata request
+    if http_status and int(http_status.group(1)) >= 500:
+        return IntakeError("entra_unavailable", f"Entra ID answered HTTP {http_status.group(1)}.", fix_args=fix)
     if "authority configuration" in str(exc):
         # MSAL fetches the tenant's OpenID metadata first; Entra answers AADSTS90002 there.
         return IntakeError("entra_unknown_tenant", "Entra ID has no OpenID configuration for DYNAMICS_TENANT_ID.",

@@ -123,7 +123,10 @@ def process(svc: Service, req: Request) -> Response:
         if svc.name == "dataverse" and limit and inflight > limit:
             fault = Fault("error", 429, "0x80072326")
         if fault is not None and fault.kind == "error":
-            resp = svc.fault_response(req, fault)
+            try:
+                resp = svc.fault_response(req, fault)
+            except Exception:
+                resp = bug_response(state, svc.name)
         elif handler is not None:
             try:
                 resp = handler(req)

@@ -161,7 +161,7 @@ class EntraService:
         return resp
 
     def fault_response(self, req: Request, fault: Fault) -> Response:
-        code = int(fault.code) if fault.code is not None else 90024
+        code = int(fault.code) if fault.code is not None and str(fault.code).isdigit() else 90024
         if fault.status in (429,) or fault.status >= 500:
             error = "temporarily_unavailable"
         elif fault.status == 401:
