@@ -133,7 +133,9 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         runners = (settings_step, keyvault_step, token_step, whoami_step, privileges_step)
         for name, fn in zip(STEPS, runners, strict=True):
             if failed:
-                steps.append(_step(name, False, 0.0, "skipped", "An earlier step failed."))
+                skipped = _step(name, False, 0.0, "skipped", "An earlier step failed.")
+                skipped["status"] = "skipped"
+                steps.append(skipped)
                 continue
             t = clock()
             try:

@@ -1,0 +1,147 @@
+"""Diagnostics name the exact cause of each fault the stand-in can be set into, and skip what follows."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from triggers import ops
+
+DIAG = ops.diagnostics
+ORDER = ["settings", "keyvault", "token", "whoami", "privileges"]
+
+
+def run(stack) -> tuple[int, dict]:
+    status, body, _ = stack.call(DIAG, method="GET", route="api/diagnostics")
+    assert [s["name"] for s in body["steps"]] == ORDER
+    assert body["correlationId"]
+    return status, body
+
+
+def failed_at(body: dict, step: str, code: str) -> dict:
+    steps = {s["name"]: s for s in body["steps"]}
+    at = ORDER.index(step)
+    assert all(steps[n]["status"] == "ok" for n in ORDER[:at]), body
+    assert (steps[step]["status"], steps[step]["ok"], steps[step]["code"]) == ("failed", False, code), body
+    assert steps[step]["fix"] and steps[step]["detail"]
+    assert all(steps[n]["status"] == "skipped" and steps[n]["code"] == "skipped" for n in ORDER[at + 1:]), body
+    assert body["status"] == "failed"
+    return steps[step]
+
+
+def test_all_ok(stack):
+    status, body = run(stack)
+    assert (status, body["status"]) == (200, "ok")
+    assert all(s["ok"] and s["code"] is None and s["ms"] >= 0 for s in body["steps"])
+
+
+def test_wrong_secret(stack):
+    si = stack.si
+    si.set_secret("dynamics-client-secret", "not-the-value~" + uuid.uuid4().hex)
+    status, body = run(stack)
+    assert status == 503
+    step = failed_at(body, "token", "entra_invalid_secret")
+    assert "Value, not its Secret ID" in step["fix"]
+
+
+def test_secret_id_pasted_instead_of_value(stack):
+    stack.si.set_secret("dynamics-client-secret", str(uuid.uuid4()))
+    _, body = run(stack)
+    assert "that is the secret's ID, not its Value" in failed_at(body, "token", "entra_invalid_secret")["detail"]
+
+
+def test_expired_secret(stack):
+    si = stack.si
+    si.expire_secret(si.dynamics_client_id, si.dynamics_secret)
+    _, body = run(stack)
+    failed_at(body, "token", "entra_secret_expired")
+
+
+def test_unknown_client(stack, monkeypatch):
+    monkeypatch.setenv("DYNAMICS_CLIENT_ID", str(uuid.uuid4()))
+    _, body = run(stack)
+    assert "DYNAMICS_CLIENT_ID" in failed_at(body, "token", "entra_unknown_client")["fix"]
+
+
+def test_unknown_tenant(stack, monkeypatch):
+    monkeypatch.setenv("DYNAMICS_TENANT_ID", str(uuid.uuid4()))
+    _, body = run(stack)
+    assert "Directory (tenant) ID" in failed_at(body, "token", "entra_unknown_tenant")["fix"]
+
+
+def test_wrong_dynamics_url_scope(stack, monkeypatch):
+    monkeypatch.setenv("DYNAMICS_URL", "https://contoso.crm4.dynamics.example")
+    _, body = run(stack)
+    assert "environment URL" in failed_at(body, "token", "dynamics_url_wrong_scope")["fix"]
+
+
+def test_key_vault_forbidden(stack):
+    stack.si.deny_vault_access(True)
+    _, body = run(stack)
+    assert "Key Vault Secrets User" in failed_at(body, "keyvault", "keyvault_forbidden")["fix"]
+
+
+def test_secret_missing(stack):
+    stack.si.delete_secret("dynamics-client-secret")
+    _, body = run(stack)
+    assert "dynamics-client-secret" in failed_at(body, "keyvault", "keyvault_secret_missing")["fix"]
+
+
+def test_secret_disabled(stack):
+    stack.si.disable_secret("dynamics-client-secret")
+    _, body = run(stack)
+    failed_at(body, "keyvault", "keyvault_secret_disabled")
+
+
+def test_application_user_missing(stack):
+    stack.si.remove_app_user()
+    _, body = run(stack)
+    step = failed_at(body, "whoami", "dynamics_app_user_missing")
+    assert "Application users" in step["fix"] and stack.si.dynamics_client_id in step["fix"]
+    assert step["requestId"]
+
+
+def test_privilege_missing(stack):
+    stack.si.revoke_privilege("prvReadLead")
+    stack.si.revoke_privilege("prvAppendToAccount")
+    _, body = run(stack)
+    step = failed_at(body, "privileges", "dynamics_privilege_missing")
+    assert "prvReadLead" in step["detail"] and "prvAppendToAccount" in step["detail"]
+    assert "prvCreateLead" not in step["detail"]
+
+
+def test_throttled(stack):
+    stack.si.fail_next("dataverse", 1, 429, retry_after=60, path_contains="WhoAmI")
+    _, body = run(stack)
+    assert "Retry-After" in failed_at(body, "whoami", "dynamics_throttled")["fix"]
+
+
+def test_settings_problem_names_the_setting(stack, monkeypatch):
+    monkeypatch.setenv("DYNAMICS_TENANT_ID", "contoso.onmicrosoft.com")
+    _, body = run(stack)
+    assert "DYNAMICS_TENANT_ID must be a GUID" in failed_at(body, "settings", "config_invalid")["detail"]
+    assert stack.si.counts["vault"]["total"] == 0
+
+
+def test_secret_expiring_soon_is_degraded(stack):
+    stack.si.set_secret_expiry("dynamics-client-secret", int(time.time()) + 10 * 86400)
+    status, body = run(stack)
+    assert (status, body["status"]) == (503, "degraded")
+    kv = body["steps"][1]
+    assert (kv["status"], kv["ok"], kv["code"]) == ("warning", True, "keyvault_secret_expiring")
+    assert all(s["ok"] for s in body["steps"])
+
+
+@pytest.mark.parametrize("fault", ["set_secret", "deny_vault_access"])
+def test_diagnostics_never_echo_the_secret(stack, fault):
+    si = stack.si
+    if fault == "set_secret":
+        si.set_secret("dynamics-client-secret", "leaky-" + uuid.uuid4().hex)
+        value = "leaky-"
+    else:
+        si.deny_vault_access(True)
+        value = si.dynamics_secret
+    _, body = run(stack)
+    assert value not in str(body)
