@@ -13,10 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shared.errors import IntakeError
-from shared.secrets import SecretSource
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,22 @@ _AADSTS = {
     90055: "entra_unavailable",
 }
 _SECRET_CODES = {"entra_invalid_secret", "entra_secret_expired"}
+
+
+class Secrets(Protocol):
+    """Where the client secret comes from (the vault, or a value diagnostics pinned)."""
+
+    def get(self) -> str: ...
+
+    def refresh(self, rejected: str) -> str: ...
+
+
+class TokenSource(Protocol):
+    """What the Dataverse client needs: the current token, and a replacement for a rejected one."""
+
+    def token(self) -> str: ...
+
+    def refresh(self, rejected: str) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +127,7 @@ def entra_error(exc: Exception, settings: Settings) -> IntakeError:
 class TokenProvider:
     """Caches the Dataverse token for every thread of the instance."""
 
-    def __init__(self, settings: Settings, secrets: SecretSource, *, margin: float = REFRESH_MARGIN,
+    def __init__(self, settings: Settings, secrets: Secrets, *, margin: float = REFRESH_MARGIN,
                  clock: Callable[[], float] = time.time) -> None:
         self._settings = settings
         self._secrets = secrets

@@ -19,7 +19,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from shared.auth import TokenProvider
+from shared.auth import TokenSource
 from shared.errors import IntakeError
 from shared.settings import Settings
 
@@ -67,7 +67,7 @@ def _retry_after(resp: requests.Response) -> float:
 class DataverseClient:
     """Thread-safe: `requests.Session` is shared by all threads of the instance, as is the token."""
 
-    def __init__(self, settings: Settings, tokens: TokenProvider, *, pool_size: int | None = None,
+    def __init__(self, settings: Settings, tokens: TokenSource, *, pool_size: int | None = None,
                  connect_timeout: float = 3.05, read_timeout: float = 30.0, backoff: float = 0.5) -> None:
         self._settings = settings
         self._tokens = tokens

@@ -105,7 +105,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     def whoami_step() -> dict:
         s: Settings = state["settings"]
         t = clock()
-        client = DataverseClient(s, state["token"], pool_size=1, read_timeout=15)  # type: ignore[arg-type]
+        client = DataverseClient(s, state["token"], pool_size=1, read_timeout=15)
         state["client"] = client
         who = client.get("WhoAmI", budget=5)
         state["user_id"] = who.get("UserId")

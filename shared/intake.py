@@ -114,11 +114,10 @@ class Intake:
             rid = record_id(event.entity, key_source if key_source is not None else event.source, key)
         else:
             rid = None
-        columns = event.columns
+        columns = event.columns  # the event is this request's own: bind the customer in place
         customer = event.customer
         cache_key = None
         if customer is not None:
-            columns = dict(columns)
             if customer.contact_id:
                 columns["customerid_contact@odata.bind"] = f"/contacts({customer.contact_id})"
             elif customer.account_id:

@@ -46,6 +46,8 @@ def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
     if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
         # Raised by the credential, before any answer from the vault: no identity could sign in.
         return IntakeError("keyvault_auth_failed", "No Azure identity could get a token for Key Vault.", fix_args=fix)
+    if isinstance(exc, HttpResponseError) and exc.status_code == 401:
+        return IntakeError("keyvault_auth_failed", "Key Vault refused the identity's token (401).", fix_args=fix)
     if isinstance(exc, HttpResponseError) and exc.status_code == 403:
         inner = ""
         err = getattr(exc, "error", None)
