@@ -13,10 +13,10 @@ from typing import Any
 from shared.errors import IntakeError
 
 MAX_BODY = 64 * 1024
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 _PHONE = re.compile(r"^\+?[0-9 ()./-]{3,40}$")
-_LOGICAL = re.compile(r"^[a-z][a-z0-9_]*(@odata\.bind)?$")
+_LOGICAL = re.compile(r"^[a-z][a-z0-9_]*(@odata\.bind)?\Z")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: ids from other systems
 
 PRIORITY = {"high": 1, "normal": 2, "low": 3}
@@ -45,13 +45,18 @@ class Event:
     problems: list[dict] = field(default_factory=list)
 
 
+def _no_constant(name: str) -> None:
+    """NaN and Infinity are not JSON: Dataverse would refuse them, so refuse them here."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json(body: bytes) -> dict:
     """The body as a JSON object, or the error that says why not."""
     if len(body) > MAX_BODY:
         raise IntakeError("payload_too_large", f"The body is {len(body)} bytes; the limit is {MAX_BODY}.")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting too deep
         raise IntakeError("unsupported_media_type", "The body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise IntakeError("unsupported_media_type", "The body must be a JSON object.")
@@ -170,7 +175,8 @@ def _customer(c: _Checker) -> Customer | None:
     if not isinstance(raw, dict):
         c.add("customer", "must be an object")
         return None
-    ways = [w for w in _CUSTOMER_WAYS if raw.get(w) not in (None, "")]
+    # A blank value is no way at all: "email": "  " must not pass as a customer.
+    ways = [w for w in _CUSTOMER_WAYS if raw.get(w) is not None and (not isinstance(raw[w], str) or raw[w].strip())]
     if "contactId" in ways or "accountId" in ways:
         if len(ways) != 1 or set(raw) - {"contactId", "accountId"}:
             c.add("customer", "give exactly one of contactId, accountId, or contact details (email or phone)")

@@ -58,7 +58,7 @@ class Azurite:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=2)  # Azurite sometimes ignores SIGTERM after heavy use
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import azure.functions as func
@@ -19,6 +19,25 @@ from tests.hostsim import Context
 from tools.standin import StandIn
 
 LEAK_CHECKED = {"tests": 0, "log_records": 0, "responses": 0}
+
+
+def find_leaks(texts: Iterable[str], forbidden: Iterable[str]) -> list[str]:
+    """Each text that holds a forbidden value, with every forbidden value in it masked (safe to print)."""
+    values = sorted({v for v in forbidden if v}, key=len, reverse=True)
+    found = []
+    for text in texts:
+        if any(v in text for v in values):
+            masked = text
+            for v in values:
+                masked = masked.replace(v, f"<{len(v)} chars masked>")
+            found.append(masked)
+    return found
+
+
+def check_no_leaks(texts: Iterable[str], forbidden: Iterable[str]) -> None:
+    """The leak check run after every test that uses `stack`; raises AssertionError naming the first leak."""
+    leaked = find_leaks(texts, forbidden)
+    assert not leaked, f"a secret or token reached a log or a response ({len(leaked)} texts): {leaked[0][:200]}"
 
 
 class _Capture(logging.Handler):
@@ -102,11 +121,7 @@ def stack(standin: StandIn, monkeypatch: pytest.MonkeyPatch, captured_logs: _Cap
     standin.rotate_dynamics_secret = rotate  # type: ignore[method-assign]
     yield st
     runtime.reset()
-    forbidden = set(st.secrets()) | secret_values
-    texts = captured_logs.texts + st.bodies
-    for value in forbidden:
-        leaked = [t for t in texts if value in t]
-        assert not leaked, f"a secret or token reached a log or a response: {leaked[0][:200]}"
+    check_no_leaks(captured_logs.texts + st.bodies, set(st.secrets()) | secret_values)
     LEAK_CHECKED["tests"] += 1
     LEAK_CHECKED["log_records"] += len(captured_logs.texts)
     LEAK_CHECKED["responses"] += len(st.bodies)

@@ -113,3 +113,11 @@ def test_body_must_be_a_json_object():
             parse_json(body)
         assert caught.value.code == code
     assert parse_json(json.dumps({"a": 1}).encode()) == {"a": 1}
+
+
+@pytest.mark.parametrize("body", [b'{"title": "t", "attributes": {"new_x": NaN}}', b'{"a": Infinity}',
+                                  b'{"a": -Infinity}'])
+def test_nan_and_infinity_are_not_json(body):
+    with pytest.raises(IntakeError) as caught:
+        parse_json(body)
+    assert caught.value.code == "unsupported_media_type"

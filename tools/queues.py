@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 AZURITE = "UseDevelopmentStorage=true"
@@ -57,36 +59,78 @@ def ensure(client: Any) -> Any:
     return client
 
 
+_senders: dict[tuple[str, str], Any] = {}
+_senders_lock = threading.Lock()
+
+
+def _sender(conn_str: str, queue: str) -> Any:
+    """One client per queue for the process, the queue created on first use (clients are thread-safe)."""
+    with _senders_lock:
+        client = _senders.get((conn_str, queue))
+        if client is None:
+            client = _senders[(conn_str, queue)] = ensure(queue_client(conn_str, queue))
+        return client
+
+
 def send(conn_str: str, queue: str, event: dict | str) -> str:
-    """Enqueue one event (a dict is sent as JSON); returns the message id."""
+    """Enqueue one event (a dict is sent as JSON, a str as is, base64-encoded); returns the message id."""
     body = event if isinstance(event, str) else json.dumps(event)
-    return ensure(queue_client(conn_str, queue)).send_message(body).id
+    return _sender(conn_str, queue).send_message(body).id
+
+
+def _original_body(record: bytes) -> bytes | None:
+    """The original message kept in a <queue>-rejected record, or None when it cannot be resent as is."""
+    try:
+        doc = json.loads(record)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    body = doc.get("body") if isinstance(doc, dict) else None
+    return body.encode("utf-8") if isinstance(body, str) else None  # bodyBase64: not UTF-8, never valid
 
 
 def replay(conn_str: str, queue: str, *, rejected: bool = False, limit: int = 10_000,
-           seconds: float = 300.0) -> int:
+           seconds: float = 300.0, skipped: list[str] | None = None) -> int:
     """Move messages from <queue>-poison (or the bodies kept in <queue>-rejected) back to <queue>.
 
     Each message is sent before it is deleted, so a crash in between duplicates a message (which the
-    intake's idempotency absorbs for keyed events) rather than losing one.
+    intake's idempotency absorbs for keyed events) rather than losing one. Bodies are moved byte for
+    byte. Only messages already there when the replay started are moved, so a message that fails
+    again while the replay runs is not cycled a second time. A rejected record without a resendable
+    body is left where it is (its id is added to `skipped`) and made visible again at the end.
+    Returns the number of messages moved.
     """
-    source = queue_client(conn_str, f"{queue}-{'rejected' if rejected else 'poison'}")
-    target = ensure(queue_client(conn_str, queue))
+    source = queue_client(conn_str, f"{queue}-{'rejected' if rejected else 'poison'}", binary=True)
+    target = ensure(queue_client(conn_str, queue, binary=True))
+    started = datetime.now(UTC).replace(microsecond=0)  # the service stamps insertion times in whole seconds
     moved = 0
+    held: list[Any] = []
     deadline = time.monotonic() + seconds
-    while moved < limit and time.monotonic() < deadline:
-        batch = list(source.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=60))
-        if not batch:
-            break
-        for msg in batch:
-            body = msg.content
-            if rejected:
-                body = json.loads(body).get("body")
-                if body is None:  # the original was not UTF-8 text: leave it for the operator
+    try:
+        while moved < limit and time.monotonic() < deadline:
+            room = min(32, limit - moved)
+            batch = list(source.receive_messages(messages_per_page=room, max_messages=room,
+                                                 visibility_timeout=max(30, int(seconds) + 30)))
+            if not batch:
+                break
+            for msg in batch:
+                body = _original_body(msg.content) if rejected else msg.content
+                late = msg.inserted_on is not None and msg.inserted_on > started
+                if body is None or late:
+                    held.append(msg)
+                    if skipped is not None and not late:
+                        skipped.append(msg.id)
                     continue
-            target.send_message(body)
-            source.delete_message(msg)
-            moved += 1
+                target.send_message(body)
+                source.delete_message(msg)
+                moved += 1
+    finally:
+        from azure.core.exceptions import HttpResponseError
+
+        for msg in held:  # leave them as they were: visible, for the operator or the next replay
+            try:
+                source.update_message(msg, visibility_timeout=0)
+            except HttpResponseError:  # already visible again and taken by someone else: nothing to undo
+                pass
     return moved
 
 
@@ -100,12 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     p_replay.add_argument("queue", choices=["cases", "leads"])
     p_replay.add_argument("--rejected", action="store_true", help="resend bodies kept in <queue>-rejected")
     p_replay.add_argument("--limit", type=int, default=10_000)
+    p_replay.add_argument("--seconds", type=float, default=300.0, help="stop after this long")
     args = parser.parse_args(argv)
     conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING", AZURITE)
     if args.command == "send":
         print(send(conn, args.queue, json.loads(args.body)))
-    else:
-        print(f"moved {replay(conn, args.queue, rejected=args.rejected, limit=args.limit)} message(s)")
+        return 0
+    skipped: list[str] = []
+    moved = replay(conn, args.queue, rejected=args.rejected, limit=args.limit, seconds=args.seconds,
+                   skipped=skipped)
+    print(f"moved {moved} message(s)")
+    if skipped:
+        print(f"left {len(skipped)} record(s) without a resendable body in {args.queue}-rejected: "
+              + ", ".join(skipped[:20]), file=sys.stderr)
     return 0
 
 
