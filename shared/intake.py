@@ -77,6 +77,8 @@ class Intake:
     def __init__(self, client: DataverseClient, contacts: ContactCache | None = None) -> None:
         self.client = client
         self.contacts = contacts or ContactCache()
+        # Striped locks: concurrent first calls from one caller make one lookup, not one each.
+        self._resolving = [threading.Lock() for _ in range(64)]
 
     def _resolve_contact(self, customer: Customer, budget: float) -> tuple[str, str]:
         """(cache key, contact id) for a customer given by email or phone: found, or created by key."""
@@ -90,6 +92,14 @@ class Intake:
         hit = self.contacts.get(cache_key)
         if hit:
             return cache_key, hit
+        with self._resolving[hash(cache_key) % len(self._resolving)]:
+            hit = self.contacts.get(cache_key)
+            if hit:
+                return cache_key, hit
+            return cache_key, self._find_or_create(customer, cache_key, column, value, filter_, budget)
+
+    def _find_or_create(self, customer: Customer, cache_key: str, column: str, value: str, filter_: str,
+                        budget: float) -> str:
         found = self.client.find_id("contacts", "contactid", filter_, budget=budget)
         if found is None:
             row: dict[str, str] = {column: value}
@@ -102,7 +112,7 @@ class Intake:
             found = self.client.create("contacts", row, record_id=contact_id, budget=budget).id
             log.info("contact resolved by creation: contactid=%s", found)
         self.contacts.put(cache_key, found)
-        return cache_key, found
+        return found
 
     def submit(self, event: Event, *, key: str | None = None, key_source: str | None = None,
                budget: float = 20.0) -> Outcome:

@@ -225,6 +225,8 @@ def test_customer_by_email_is_looked_up_once_and_created_once(stack):
     contacts = [c for c in si.records("contacts") if c.get("emailaddress1") == "new.caller@example.com"]
     assert len(contacts) == 1
     queries = count(si, "dataverse", "GET", "query")
+    assert queries == 1  # eight concurrent first calls, one lookup
+    assert count(si, "dataverse", "PATCH", "patch") == 1  # and one contact create (cases are plain POSTs)
     for i in range(5):
         intake.submit(parse_case({"title": f"again{i}", "customer": {"email": "New.Caller@example.com"}}))
     assert count(si, "dataverse", "GET", "query") == queries  # the resolved contact is cached
