@@ -1,0 +1,1 @@
+"""The intake benchmark: `python -m bench.run` (see bench/run.py)."""
