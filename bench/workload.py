@@ -16,11 +16,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+
+from tools.invocation import Context, Out
 
 BENCH_NS = uuid.UUID("0b6c3f0e-5a7d-4a53-8d0e-3b1e2c9a7f10")
 ODATA = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
@@ -88,31 +90,6 @@ def records(n: int, tag: str, mix: Mix, contact_id: str, account_id: str, seed: 
 
 
 # ---- the contenders ----------------------------------------------------------------------------------
-@dataclass
-class Context:
-    """func.Context as the host hands it to a function."""
-
-    invocation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    function_name: str = "bench"
-    function_directory: str = "."
-    trace_context: Any = None
-    retry_context: Any = None
-    thread_local_storage: Any = None
-
-
-class Out:
-    """func.Out for the queue function's rejected-message binding."""
-
-    def __init__(self) -> None:
-        self.value: str | None = None
-
-    def set(self, value: str) -> None:
-        self.value = value
-
-    def get(self) -> str | None:
-        return self.value
-
-
 def ours_http() -> Call:
     import azure.functions as func
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,10 @@ from typing import Any
 
 from azure.functions.queue import QueueMessage
 
+from tools.invocation import Context, Out
 from tools.queues import ensure, queue_client
+
+__all__ = ["HOST_JSON", "Context", "Out", "QueueHost", "Stats", "drain"]
 
 HOST_JSON = json.loads((Path(__file__).resolve().parent.parent / "host.json").read_text())["extensions"]["queues"]
 
@@ -27,29 +29,6 @@ HOST_JSON = json.loads((Path(__file__).resolve().parent.parent / "host.json").re
 def _seconds(hms: str) -> float:
     h, m, s = hms.split(":")
     return int(h) * 3600 + int(m) * 60 + float(s)
-
-
-class Out:
-    """func.Out as the host hands it to a function."""
-
-    def __init__(self) -> None:
-        self.value: str | None = None
-
-    def set(self, value: str) -> None:
-        self.value = value
-
-    def get(self) -> str | None:
-        return self.value
-
-
-@dataclass
-class Context:
-    invocation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    function_name: str = "test"
-    function_directory: str = "."
-    trace_context: Any = None
-    retry_context: Any = None
-    thread_local_storage: Any = None
 
 
 @dataclass
@@ -138,3 +117,16 @@ class QueueHost:
             for f in in_flight:
                 f.result(timeout=max(deadline - time.monotonic(), 1))
         return self.stats
+
+
+def drain(client: Any, seconds: float = 60.0, visibility_timeout: int = 300) -> list[Any]:
+    """Every message now in a queue, received (so they stay invisible while the test inspects them)."""
+    out: list[Any] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        batch = list(client.receive_messages(messages_per_page=32, max_messages=32,
+                                             visibility_timeout=visibility_timeout))
+        if not batch:
+            break
+        out += batch
+    return out

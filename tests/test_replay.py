@@ -7,14 +7,13 @@ Through Azurite and `QueueHost` (maxDequeueCount from host.json, visibility time
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from shared import runtime
 from shared.intake import record_id
-from tests.hostsim import HOST_JSON, QueueHost
+from tests.hostsim import HOST_JSON, QueueHost, drain
 from tools.queues import ensure, queue_client, replay, send
 from triggers import queue_intake
 
@@ -26,17 +25,6 @@ def names() -> str:
 def host(conn: str, queue: str, **kw: Any) -> QueueHost:
     fn = queue_intake.cases_queue.build().get_user_function()
     return QueueHost(conn, queue, fn, visibility_timeout=kw.pop("visibility_timeout", 1), **kw)
-
-
-def drain(client: Any, seconds: float = 30.0) -> list[Any]:
-    out: list[Any] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        batch = list(client.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=60))
-        if not batch:
-            break
-        out += batch
-    return out
 
 
 def peek(client: Any) -> list[str]:

@@ -44,7 +44,7 @@ import pytest
 
 from shared import runtime
 from shared.intake import ENTITY_SETS, record_id
-from tests.hostsim import QueueHost
+from tests.hostsim import QueueHost, drain
 from tools.queues import send
 from triggers import queue_intake
 
@@ -179,18 +179,6 @@ def plan(n: int, seed: int, si: Any) -> tuple[list[Planned], list[Planned]]:
     messages = events + dups + bad
     rng.shuffle(messages)
     return messages, events
-
-
-def drain(client: Any, seconds: float = 60.0) -> list[Any]:
-    """Every message now in a queue (received, so they stay invisible for a while)."""
-    out: list[Any] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        batch = list(client.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=300))
-        if not batch:
-            break
-        out += batch
-    return out
 
 
 class Chaos:
