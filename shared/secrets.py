@@ -69,13 +69,11 @@ def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
 class SecretSource:
     """Reads the secret once, and again only when asked (after Entra ID rejected the one held)."""
 
-    def __init__(self, settings: Settings, credential: Any = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._credential = credential
         self._client: Any = None
         self._secret: VaultSecret | None = None
         self._lock = threading.Lock()
-        self.reads = 0
 
     def _secret_client(self) -> Any:
         if self._client is None:
@@ -83,12 +81,10 @@ class SecretSource:
             from azure.keyvault.secrets import SecretClient
 
             s = self._settings
-            credential = self._credential
-            if credential is None:
-                kwargs: dict[str, Any] = {"exclude_interactive_browser_credential": True}
-                if not s.is_public_authority:
-                    kwargs["disable_instance_discovery"] = True
-                credential = DefaultAzureCredential(**kwargs)
+            kwargs: dict[str, Any] = {"exclude_interactive_browser_credential": True}
+            if not s.is_public_authority:
+                kwargs["disable_instance_discovery"] = True
+            credential = DefaultAzureCredential(**kwargs)
             vault_host = urlsplit(s.key_vault_url).hostname or ""
             self._client = SecretClient(
                 s.key_vault_url, credential,
@@ -101,14 +97,10 @@ class SecretSource:
         """One read from the vault, classified; used by the diagnostics step as well."""
         try:
             secret = self._secret_client().get_secret(self._settings.secret_name)
-        except IntakeError:
-            raise
         except Exception as exc:  # azure-core raises a family of exceptions; classify them all
             err = _keyvault_error(exc, self._settings)
             log.warning("key vault read failed: code=%s", err.code)
             raise err from None
-        finally:
-            self.reads += 1
         props = secret.properties
         value = secret.value or ""
         return VaultSecret(value=value, version=props.version, enabled=bool(props.enabled),

@@ -254,6 +254,14 @@ def parse_lead(data: dict) -> Event:
     return Event("lead", columns, ext, src)
 
 
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header, checked: 1-200 printable ASCII characters, or absent."""
+    if header is None or (0 < len(header) <= 200 and header.isprintable() and header.isascii()):
+        return header
+    raise IntakeError("invalid_request", "Idempotency-Key must be 1-200 printable ASCII characters.",
+                      details=[{"field": "Idempotency-Key", "problem": "must be 1-200 printable ASCII"}])
+
+
 def _summary(problems: list[dict]) -> str:
     first = problems[0]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

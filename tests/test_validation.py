@@ -121,3 +121,14 @@ def test_nan_and_infinity_are_not_json(body):
     with pytest.raises(IntakeError) as caught:
         parse_json(body)
     assert caught.value.code == "unsupported_media_type"
+
+
+def test_idempotency_key_header_rule():
+    from shared.validation import idempotency_key
+
+    assert idempotency_key(None) is None
+    assert idempotency_key("req 77") == "req 77"
+    for bad in ("", "k" * 201, "é", "a\tb"):
+        with pytest.raises(IntakeError) as caught:
+            idempotency_key(bad)
+        assert caught.value.details == [{"field": "Idempotency-Key", "problem": "must be 1-200 printable ASCII"}]

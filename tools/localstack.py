@@ -58,6 +58,8 @@ def start_azurite(location: Path, ports: dict[str, int]) -> subprocess.Popen | N
     if port_open(ports["queue"]):
         print(f"Azurite already listening on {ports['queue']}: using it")
         return None
+    if not AZURITE.exists():
+        raise RuntimeError(f"{AZURITE} is missing: run scripts/bootstrap.sh (it installs Azurite from npm)")
     location.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [str(AZURITE), "--location", str(location), "--silent", "--skipApiVersionCheck", "--loose",
@@ -66,7 +68,7 @@ def start_azurite(location: Path, ports: dict[str, int]) -> subprocess.Popen | N
         stdout=subprocess.DEVNULL)
     if not (wait_port(ports["queue"], 30) and wait_port(ports["blob"], 10)):
         stop(proc)
-        raise SystemExit("Azurite did not start within 30 s")
+        raise RuntimeError("Azurite did not start within 30 s")
     return proc
 
 
@@ -81,7 +83,7 @@ def start_standin(state_dir: Path, ports: dict[str, int]) -> tuple[subprocess.Po
     while not info_path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc)
-            raise SystemExit("the stand-in did not start (are ports 7441-7443 free?)")
+            raise RuntimeError("the stand-in did not start (are its ports free?)")
         time.sleep(0.1)
     return proc, json.loads(info_path.read_text())
 
@@ -105,12 +107,13 @@ def create_queues(conn_str: str) -> None:
         ensure(queue_client(conn_str, name))
 
 
-def stop(proc: subprocess.Popen | None) -> None:
+def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """Terminate, and kill after `grace` seconds (Azurite sometimes ignores SIGTERM after heavy use)."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
@@ -164,6 +167,9 @@ Try it, once the host says it is ready:
             return host.wait()
         except KeyboardInterrupt:
             return 0
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
     finally:
         for proc in reversed(procs):
             stop(proc)

@@ -25,8 +25,10 @@ AZURITE = "UseDevelopmentStorage=true"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-def azurite_connection_string(queue_port: int = 10001, host: str = "127.0.0.1") -> str:
-    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+def azurite_connection_string(queue_port: int = 10001, blob_port: int | None = None, host: str = "127.0.0.1") -> str:
+    """Azurite's well-known account on the given ports (blob too, for the Functions host)."""
+    blob = f"BlobEndpoint=http://{host}:{blob_port}/devstoreaccount1;" if blob_port else ""
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};{blob}"
             f"QueueEndpoint=http://{host}:{queue_port}/devstoreaccount1;")
 
 
@@ -40,8 +42,6 @@ def queue_client(conn_str: str, queue: str, *, binary: bool = False) -> Any:
         TextBase64EncodePolicy,
     )
 
-    if conn_str == AZURITE:
-        conn_str = azurite_connection_string()
     if binary:
         return QueueClient.from_connection_string(conn_str, queue, message_encode_policy=BinaryBase64EncodePolicy(),
                                                   message_decode_policy=BinaryBase64DecodePolicy())

@@ -11,7 +11,7 @@ import azure.functions as func
 
 from shared import runtime
 from shared.errors import IntakeError
-from shared.validation import Event, parse_case, parse_json, parse_lead
+from shared.validation import Event, idempotency_key, parse_case, parse_json, parse_lead
 
 log = logging.getLogger("intake.http")
 bp = func.Blueprint()
@@ -34,10 +34,7 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
     entity = "incident" if parse is parse_case else "lead"
     try:
         event = parse(parse_json(req.get_body()))
-        key = req.headers.get("Idempotency-Key")
-        if key is not None and not (0 < len(key) <= 200 and key.isprintable() and key.isascii()):
-            raise IntakeError("invalid_request", "Idempotency-Key must be 1-200 printable ASCII characters.",
-                              details=[{"field": "Idempotency-Key", "problem": "must be 1-200 printable ASCII"}])
+        key = idempotency_key(req.headers.get("Idempotency-Key"))
         outcome = runtime.intake().submit(event, key=key, budget=HTTP_BUDGET)
     except IntakeError as err:
         log.warning("intake failed: invocation=%s entity=%s code=%s status=%s request_id=%s ms=%.0f",
