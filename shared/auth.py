@@ -1,7 +1,9 @@
 """The Dataverse access token: one per instance, refreshed before it expires, replaced on a 401.
 
 Modelled on azure-core's BearerTokenCredentialPolicy: a cached token with a refresh window, one
-acquisition at a time, and a forced refresh when the resource rejects the token held.
+acquisition at a time, and a forced refresh when the resource rejects the token held. Acquisition is
+a single flight (`shared.flight`): threads that waited for a failed attempt get its failure at once,
+each waits only until its own call's deadline, and the next attempt comes after a short back-off.
 """
 
 from __future__ import annotations
@@ -9,18 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shared.deadline import Deadline
 from shared.errors import IntakeError
+from shared.flight import Flights
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = 300.0  # seconds before expiry when a new token is fetched
+FAILURE_BACKOFF = 1.0  # seconds after a failed acquisition during which callers get that failure at once
+DEFAULT_WAIT = 20.0  # a caller that names no deadline waits at most this long for a token
 
 # AADSTS numbers -> our codes. Decided on the number, never on the description text.
 _AADSTS = {
@@ -46,9 +51,9 @@ class Secrets(Protocol):
 class TokenSource(Protocol):
     """What the Dataverse client needs: the current token, and a replacement for a rejected one."""
 
-    def token(self) -> str: ...
+    def token(self, deadline: Deadline | None = None) -> str: ...
 
-    def refresh(self, rejected: str) -> str: ...
+    def refresh(self, rejected: str, deadline: Deadline | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -128,14 +133,17 @@ class TokenProvider:
     """Caches the Dataverse token for every thread of the instance."""
 
     def __init__(self, settings: Settings, secrets: Secrets, *, margin: float = REFRESH_MARGIN,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, backoff: float = FAILURE_BACKOFF) -> None:
         self._settings = settings
         self._secrets = secrets
         self._margin = margin
         self._clock = clock
-        self._lock = threading.Lock()
+        self._flights: Flights[Token] = Flights("token", backoff)
         self._token: Token | None = None
-        self.acquisitions = 0
+
+    @property
+    def acquisitions(self) -> int:
+        return self._flights.attempts
 
     def _credential(self, secret: str) -> Any:
         """A new credential per acquisition, so no lower cache can hand back a token Dataverse rejected."""
@@ -155,14 +163,18 @@ class TokenProvider:
             access = self._credential(secret).get_token(self._settings.scope)
         except Exception as exc:  # azure-identity raises ClientAuthenticationError and azure-core errors
             raise entra_error(exc, self._settings) from None
-        finally:
-            self.acquisitions += 1
         lifetime = max(access.expires_on - now, 0.0)
         margin = min(self._margin, lifetime / 2)
         return Token(access.token, float(access.expires_on), float(access.expires_on) - margin)
 
-    def _acquire(self) -> Token:
-        """Get a token; if Entra ID says the secret is wrong or expired, re-read the vault once."""
+    def _acquire(self, rejected: str | None) -> Token:
+        """Runs in the flight's thread: a token, unless one newer than `rejected` arrived meanwhile.
+
+        If Entra ID says the secret is wrong or expired, the vault is read once more.
+        """
+        current = self._token
+        if current is not None and current.value != rejected and self._clock() < current.refresh_on:
+            return current
         secret = self._secrets.get()
         try:
             token = self._request(secret)
@@ -178,37 +190,33 @@ class TokenProvider:
         log.info("dataverse token acquired: expires_in=%.0fs", token.expires_on - self._clock())
         return token
 
-    def token(self) -> str:
-        """The cached token; a stale one is replaced by exactly one thread while the others wait or reuse."""
+    def _wait(self, rejected: str | None, deadline: Deadline | None) -> str:
+        def late() -> IntakeError:
+            return IntakeError("entra_unavailable", "Entra ID issued no token within the call's deadline.",
+                               retry_after=5.0, fix_args=self._settings.fix_args())
+
+        token = self._flights.run("token", lambda: self._acquire(rejected), deadline or Deadline(DEFAULT_WAIT),
+                                  late)
+        return token.value
+
+    def token(self, deadline: Deadline | None = None) -> str:
+        """The cached token. Inside the refresh window a new one is fetched in the background while the
+        valid one is used; a missing or stale one is awaited (shared by every waiting thread)."""
         held = self._token
         now = self._clock()
         if held is not None and now < held.refresh_on:
             return held.value
         if held is not None and now < held.expires_on - 30:
-            # Inside the refresh window but still valid: one thread refreshes, the others carry on.
-            if not self._lock.acquire(blocking=False):
-                return held.value
             try:
-                if self._token is held:
-                    try:
-                        return self._acquire().value
-                    except IntakeError as err:
-                        log.warning("proactive token refresh failed (%s); using the token held", err.code)
-                        return held.value
-                return self._token.value  # type: ignore[union-attr]
-            finally:
-                self._lock.release()
-        with self._lock:
-            current = self._token
-            if current is not None and current is not held and self._clock() < current.refresh_on:
-                return current.value
-            return self._acquire().value
+                self._flights.join("token", lambda: self._acquire(held.value))
+            except IntakeError as err:  # the last attempt failed moments ago: keep the valid token
+                log.warning("proactive token refresh failed (%s); using the token held", err.code)
+            return held.value
+        return self._wait(held.value if held is not None else None, deadline)
 
-    def refresh(self, rejected: str) -> str:
+    def refresh(self, rejected: str, deadline: Deadline | None = None) -> str:
         """Replace the token Dataverse rejected, unless another thread already did."""
-        with self._lock:
-            current = self._token
-            if current is not None and current.value != rejected:
-                return current.value
-            self._token = None
-            return self._acquire().value
+        current = self._token
+        if current is not None and current.value != rejected:
+            return current.value
+        return self._wait(rejected, deadline)

@@ -1,25 +1,29 @@
 """The Dataverse Web API client: one pooled session per instance, one retry policy, classified errors.
 
 Retries are decided per request: a 401 is retried once with a fresh token; a 429 waits what
-Retry-After says while the caller's time budget lasts; server errors and timeouts are retried with
-backoff only when repeating the request cannot create a second record (reads and keyed creates).
+Retry-After says (plus jitter) while the call's deadline allows; server errors and lost answers are
+retried with backoff, which is safe because every request is a read or a create by id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from shared.auth import TokenSource
+from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.settings import Settings
 
@@ -57,11 +61,34 @@ def _error_of(resp: requests.Response) -> tuple[str, str]:
         return "", ""
 
 
-def _retry_after(resp: requests.Response) -> float:
+DEFAULT_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 900.0  # longer than Dataverse's 300 s window; anything beyond is a malformed header
+
+
+def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER) -> float:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP-date (RFC 9110 10.2.3).
+
+    A missing, malformed, negative or non-finite value gets `default`; a date in the past means 0.
+    """
+    if value is None:
+        return default
     try:
-        return max(float(resp.headers.get("Retry-After", "1")), 0.0)
+        seconds = float(value)
     except ValueError:
-        return 1.0
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return default
+        if when.tzinfo is None:
+            return default
+        seconds = max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    if not math.isfinite(seconds) or seconds < 0:
+        return default
+    return min(seconds, MAX_RETRY_AFTER)
+
+
+def _retry_after(resp: requests.Response) -> float:
+    return parse_retry_after(resp.headers.get("Retry-After"))
 
 
 class DataverseClient:
@@ -85,6 +112,10 @@ class DataverseClient:
         self.session.proxies = requests.utils.get_environ_proxies(self._base)
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0)
         self.session.mount("https://", adapter)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     def close(self) -> None:
         self.session.close()
@@ -110,90 +141,129 @@ class DataverseClient:
         return IntakeError("dynamics_error", f"Dataverse answered {status} {code}: {message}".strip(),
                            request_id=rid, upstream_code=code or None, fix_args=fix)
 
-    def _pause(self, attempt: int, deadline: float) -> bool:
-        """Sleep before the next try with capped exponential backoff and jitter; False when out of budget."""
+    def _pause(self, attempt: int, deadline: Deadline) -> bool:
+        """Sleep before the next try with capped exponential backoff and jitter; False when out of time."""
         wait = min(8.0, self._backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
-        if time.monotonic() + wait > deadline:
+        if not deadline.allows(wait):
             return False
         time.sleep(wait)
         return True
 
+    def _unanswered(self, method: str, path: str, why: str) -> IntakeError:
+        return IntakeError("dynamics_unavailable", f"Dataverse did not answer {method} "
+                                                   f"{path.split('(', 1)[0].split('?', 1)[0]}: {why}",
+                           fix_args=self._settings.fix_args())
+
     def request(self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None,
-                params: dict[str, str] | None = None, idempotent: bool, budget: float = 20.0,
+                params: dict[str, str] | None = None, budget: float | Deadline = 20.0,
                 ok: tuple[int, ...] = (200, 201, 204)) -> requests.Response:
-        """Send one logical request; return the response if its status is in `ok`, else raise IntakeError."""
-        deadline = time.monotonic() + budget
+        """Send one logical request; return the response if its status is in `ok`, else raise IntakeError.
+
+        Every request this client sends is safe to repeat (reads, and creates by id with If-None-Match: *),
+        so server errors and lost answers are retried until the deadline. A raised error carries
+        `maybe_applied`: whether an attempt may have reached Dataverse without its answer reaching us.
+        """
+        deadline = Deadline.of(budget)
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         base = _ODATA_HEADERS if data is None else _JSON_HEADERS
         send_headers = {**base, **headers} if headers else dict(base)
         url = self._base + path
         reauthed = False
+        maybe_applied = False
+        failure: IntakeError | None = None
         for attempt in range(MAX_ATTEMPTS):
-            token = self._tokens.token()
+            if deadline.expired():
+                break
+            token = self._tokens.token(deadline)
             send_headers["Authorization"] = "Bearer " + token
+            timeout = (deadline.cap(self._timeout[0]), deadline.cap(self._timeout[1]))
             try:
                 resp = self.session.request(method, url, data=data, headers=send_headers, params=params,
-                                            timeout=self._timeout)
+                                            timeout=timeout)
             except requests.exceptions.ConnectionError as exc:
-                # A refused or timed-out connect was never received: safe to retry even a plain POST.
+                # A refused or timed-out connect was never received; anything else may have been.
                 never_sent = isinstance(exc, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(exc)
-                if (idempotent or never_sent) and attempt + 1 < MAX_ATTEMPTS and self._pause(attempt, deadline):
+                maybe_applied = maybe_applied or not never_sent
+                failure = self._unanswered(method, path, type(exc).__name__)
+                if self._pause(attempt, deadline):
                     continue
-                code = "dynamics_unavailable" if idempotent or never_sent else "dynamics_outcome_unknown"
-                raise IntakeError(code, f"Dataverse did not answer {method} {path.split('?', maxsplit=1)[0]}: "
-                                        f"{type(exc).__name__}", fix_args=self._settings.fix_args()) from None
+                break
             except requests.exceptions.Timeout:
-                if idempotent and attempt + 1 < MAX_ATTEMPTS and self._pause(attempt, deadline):
+                maybe_applied = True
+                failure = self._unanswered(method, path, f"no answer within {timeout[1]:.1f}s")
+                if self._pause(attempt, deadline):
                     continue
-                code = "dynamics_unavailable" if idempotent else "dynamics_outcome_unknown"
-                raise IntakeError(code, f"Dataverse did not answer {method} {path.split('(', maxsplit=1)[0]} within "
-                                        f"{self._timeout[1]:.0f}s", fix_args=self._settings.fix_args()) from None
+                break
             status = resp.status_code
             if status in ok:
                 return resp
             if status == 401 and not reauthed:
                 reauthed = True
                 log.info("dataverse answered 401; refreshing the token and retrying once")
-                self._tokens.refresh(token)
+                self._tokens.refresh(token, deadline)
                 continue
             if status == 401:
-                raise IntakeError("dynamics_token_rejected", "Dataverse rejected a freshly acquired token.",
-                                  request_id=resp.headers.get("x-ms-service-request-id"),
-                                  fix_args=self._settings.fix_args())
-            if status == 429 and attempt + 1 < MAX_ATTEMPTS:
-                wait = _retry_after(resp)
-                if time.monotonic() + wait <= deadline:
+                failure = IntakeError("dynamics_token_rejected", "Dataverse rejected a freshly acquired token.",
+                                      request_id=resp.headers.get("x-ms-service-request-id"),
+                                      fix_args=self._settings.fix_args())
+                break
+            failure = self._fail(resp)
+            if status == 429:
+                wait = failure.retry_after or 0.0
+                wait += random.uniform(0, min(1.0, wait / 4 + 0.1))  # waiters must not wake as one herd
+                if attempt + 1 < MAX_ATTEMPTS and deadline.allows(wait):
                     log.info("dataverse throttled; waiting %.1fs as Retry-After says", wait)
                     time.sleep(wait)
                     continue
-            elif status >= 500 and idempotent and attempt + 1 < MAX_ATTEMPTS and self._pause(attempt, deadline):
-                continue
-            raise self._fail(resp)
-        raise self._fail(resp)
+                break
+            if status >= 500:
+                maybe_applied = True
+                if self._pause(attempt, deadline):
+                    continue
+            break
+        if failure is None:
+            failure = self._unanswered(method, path, "the call's deadline passed")
+        failure.maybe_applied = maybe_applied  # type: ignore[attr-defined]
+        raise failure
 
-    def create(self, entity_set: str, record: dict, *, record_id: str | None = None,
-               budget: float = 20.0) -> Created:
-        """Create a row. With `record_id`, create-only by key: a 412 means it already exists."""
-        if record_id is None:
-            resp = self.request("POST", entity_set, body=record, idempotent=False, budget=budget)
-            match = _ENTITY_ID.search(resp.headers.get("OData-EntityId", ""))
-            if not match:
-                raise IntakeError("dynamics_error", "Dataverse created a row but sent no OData-EntityId.",
-                                  request_id=resp.headers.get("x-ms-service-request-id"))
-            return Created(match.group(1).lower(), True, resp.headers.get("x-ms-service-request-id"))
-        resp = self.request("PATCH", f"{entity_set}({record_id})", body=record, headers={"If-None-Match": "*"},
-                            idempotent=True, budget=budget, ok=(200, 201, 204, 412))
-        return Created(record_id, resp.status_code != 412, resp.headers.get("x-ms-service-request-id"))
+    def create(self, entity_set: str, record: dict, *, record_id: str, keyed: bool,
+               budget: float | Deadline = 20.0) -> Created:
+        """Create-only by id (PATCH + If-None-Match: *), so every retry inside the call is safe.
 
-    def find_id(self, entity_set: str, key_column: str, filter_: str, budget: float = 20.0) -> str | None:
+        `keyed`: the id was derived from the event's key, and a 412 means the event's row already exists.
+        Otherwise the id was generated for this call alone, and a 412 can only be this call's own earlier
+        attempt, applied with its answer lost: the row is ours, created now.
+        """
+        try:
+            resp = self.request("PATCH", f"{entity_set}({record_id})", body=record,
+                                headers={"If-None-Match": "*"}, budget=budget, ok=(200, 201, 204, 412))
+        except IntakeError as err:
+            err.record_id = record_id
+            if not keyed and getattr(err, "maybe_applied", False):
+                unknown = IntakeError("dynamics_outcome_unknown", f"{err.detail}; the row may exist as "
+                                      f"{entity_set}({record_id}).", request_id=err.request_id,
+                                      upstream_code=err.upstream_code, fix_args=err.fix_args, record_id=record_id)
+                raise unknown from None
+            raise
+        rid = resp.headers.get("x-ms-service-request-id")
+        return Created(record_id, resp.status_code != 412 or not keyed, rid)
+
+    def read(self, entity_set: str, record_id: str, columns: tuple[str, ...],
+             budget: float | Deadline = 20.0) -> dict:
+        """Selected columns of one row (used only to compare a repeated key's row with its new event)."""
+        return self.request("GET", f"{entity_set}({record_id})", params={"$select": ",".join(columns)},
+                            budget=budget).json()
+
+    def find_id(self, entity_set: str, key_column: str, filter_: str,
+                budget: float | Deadline = 20.0) -> str | None:
         """The key of the first row matching an OData filter the caller built with `odata_literal`."""
         resp = self.request("GET", entity_set, params={"$select": key_column, "$filter": filter_, "$top": "1"},
-                            idempotent=True, budget=budget)
+                            budget=budget)
         rows = resp.json().get("value") or []
         return str(rows[0][key_column]).lower() if rows else None
 
-    def get(self, path: str, budget: float = 10.0) -> dict:
-        return self.request("GET", path, idempotent=True, budget=budget).json()
+    def get(self, path: str, budget: float | Deadline = 10.0) -> dict:
+        return self.request("GET", path, budget=budget).json()
 
 
 def odata_literal(value: str) -> str:

@@ -1,12 +1,16 @@
 """Diagnostics: walk the whole chain step by step and name the exact cause and fix of a failure.
 
 Steps: settings -> Key Vault secret -> Entra ID token -> WhoAmI -> privileges. A failed step marks
-the later ones skipped. Codes and fixes come from the one table in `shared.errors`.
+the later ones skipped. Codes and fixes come from the one table in `shared.errors`. A report is kept
+for CACHE_SECONDS and concurrent probes share one run, so a monitor polling it cannot hammer Entra
+ID, Key Vault and Dataverse. It says what an operator needs to act and no more: no ids, no secret
+version, no URLs beyond the environment's host.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,6 +29,9 @@ PRIVILEGES = ("prvCreateIncident", "prvReadIncident", "prvAppendIncident", "prvC
 EXPIRY_WARNING_DAYS = 30
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 STEPS = ("settings", "keyvault", "token", "whoami", "privileges")
+CACHE_SECONDS = 30.0
+_cache_lock = threading.Lock()
+_cached: tuple[float, dict[str, Any]] | None = None
 
 
 class _FixedToken:
@@ -34,11 +41,11 @@ class _FixedToken:
         self._provider = provider
         self.value = token
 
-    def token(self) -> str:
+    def token(self, deadline: Any = None) -> str:
         return self.value
 
-    def refresh(self, rejected: str) -> str:
-        self.value = self._provider.refresh(rejected)
+    def refresh(self, rejected: str, deadline: Any = None) -> str:
+        self.value = self._provider.refresh(rejected, deadline)
         return self.value
 
 
@@ -67,8 +74,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         s = settings_mod.load(environ)
         state["settings"] = s
         return _step("settings", True, (clock() - t) * 1000,
-                     detail=f"DYNAMICS_URL={s.dynamics_url}, KEY_VAULT_URL={s.key_vault_url}, "
-                            f"secret name {s.secret_name!r}, API {s.api_version}")
+                     detail=f"every setting is valid; environment {s.fix_args()['environment']}")
 
     def keyvault_step() -> dict:
         s: Settings = state["settings"]
@@ -79,7 +85,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         if not secret.value:
             raise IntakeError("keyvault_secret_missing", f"The vault secret {s.secret_name!r} is empty.",
                               fix_args=s.fix_args())
-        detail = f"secret {s.secret_name!r} version {secret.version} enabled"
+        detail = f"secret {s.secret_name!r} readable and enabled"
         if secret.expires_on is not None:
             days = (secret.expires_on - now()).total_seconds() / 86400
             detail += f", vault expiry {secret.expires_on.date().isoformat()}"
@@ -100,7 +106,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
             if err.code == "entra_invalid_secret" and _GUID.match(state["secret"]):
                 err.detail += " The vault holds a GUID: that is the secret's ID, not its Value."
             raise
-        return _step("token", True, (clock() - t) * 1000, detail=f"token for {s.scope} acquired")
+        return _step("token", True, (clock() - t) * 1000, detail="Entra ID issued a token for the environment")
 
     def whoami_step() -> dict:
         s: Settings = state["settings"]
@@ -110,7 +116,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         who = client.get("WhoAmI", budget=5)
         state["user_id"] = who.get("UserId")
         return _step("whoami", True, (clock() - t) * 1000,
-                     detail=f"application user {who.get('UserId')} in organization {who.get('OrganizationId')}")
+                     detail="the application user exists and is enabled in the environment")
 
     def privileges_step() -> dict:
         s: Settings = state["settings"]
@@ -126,7 +132,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         if missing:
             raise IntakeError("dynamics_privilege_missing",
                               f"The application user's roles lack: {', '.join(missing)}.", fix_args=s.fix_args())
-        return _step("privileges", True, ms, detail=f"holds {', '.join(PRIVILEGES)}")
+        return _step("privileges", True, ms, detail=f"holds all {len(PRIVILEGES)} privileges the intake needs")
 
     failed = False
     try:
@@ -149,6 +155,24 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     warned = any(s["status"] == "warning" for s in steps)
     status = "failed" if failed else ("degraded" if warned else "ok")
     return {"status": status, "steps": steps}
+
+
+def cached(ttl: float = CACHE_SECONDS) -> dict[str, Any]:
+    """The last report if younger than `ttl` seconds, else a new one (concurrent callers share one run)."""
+    global _cached
+    with _cache_lock:
+        now = time.monotonic()
+        if _cached is None or now - _cached[0] >= ttl:
+            _cached = (now, run())
+        at, report = _cached
+    return {**report, "ageSeconds": round(time.monotonic() - at, 1)}
+
+
+def forget() -> None:
+    """Drop the cached report (tests; a restart does the same)."""
+    global _cached
+    with _cache_lock:
+        _cached = None
 
 
 class _Pinned:

@@ -26,6 +26,11 @@ CODES: dict[str, Code] = {
                                    "Send a JSON object with Content-Type: application/json.", True),
     "payload_too_large": Code(413, "The body is larger than the 64 KiB limit.",
                               "Send a smaller body; put large text in an attachment instead.", True),
+    "idempotency_conflict": Code(
+        409, "The key (externalId or Idempotency-Key) was already used for a different event: the existing "
+             "record's title/customer (case) or name/email (lead) differ from this event's.",
+        "Do not send it again as it is. A new event needs a new key. If it is the same event and someone edited "
+        "the record in Dynamics since, the record in recordId is that event's record: use it.", True),
     "dynamics_payload_rejected": Code(
         502, "Dataverse rejected the record's columns (HTTP 400/404 with its own code).",
         "Read the Dataverse code and message: usually an unknown column in attributes, a value too long, "
@@ -40,6 +45,9 @@ CODES: dict[str, Code] = {
         503, "No identity could get a token for Key Vault.",
         "In Azure: give the Function App a managed identity (and set AZURE_CLIENT_ID to a user-assigned "
         "identity's client id). Locally: run 'az login'."),
+    "keyvault_identity_unavailable": Code(
+        503, "Entra ID could not issue the app's own identity a token for Key Vault (an outage, not a missing "
+             "identity).", "Nothing to change: retried automatically. Check Entra ID service health if it persists."),
     "keyvault_forbidden": Code(
         502, "The app's identity may not read secrets in the vault.",
         "Grant the app's managed identity the 'Key Vault Secrets User' role on the vault "
@@ -93,11 +101,15 @@ CODES: dict[str, Code] = {
     "dynamics_throttled": Code(
         503, "Dataverse service protection limits are throttling this user (429).",
         "Nothing to change: wait Retry-After seconds; lower host.json batchSize if it persists."),
-    "dynamics_unavailable": Code(503, "Dataverse answered a server error or did not answer in time.",
-                                 "Nothing to change: retried automatically. Check Dataverse service health."),
+    "dynamics_unavailable": Code(
+        503, "Dataverse answered a server error or did not answer within the call's deadline.",
+        "Nothing to change: send it again after Retry-After (a keyed event cannot be created twice); queue messages "
+        "are retried automatically. Check Dataverse service health if it persists."),
     "dynamics_outcome_unknown": Code(
-        504, "Dataverse timed out on a create without an idempotency key: the record may exist.",
-        "Look the record up before sending again, or send an externalId so retries are safe."),
+        504, "Dataverse did not confirm the create of an event without a key before the deadline: the record may "
+             "exist under the id in recordId.",
+        "Look the record up by recordId (GET .../incidents(<recordId>) or .../leads(<recordId>)) before sending "
+        "again, or send an externalId or Idempotency-Key so that a retry is always safe."),
     "dynamics_error": Code(502, "Dataverse answered an unexpected error.",
                            "Read the Dataverse code in detail; the request id identifies it for Microsoft support."),
     "internal_error": Code(500, "An unexpected error in this app.", "Report it with the correlationId."),
@@ -109,7 +121,8 @@ class IntakeError(Exception):
 
     def __init__(self, code: str, detail: str = "", *, request_id: str | None = None,
                  retry_after: float | None = None, details: list[dict] | None = None,
-                 upstream_code: str | None = None, fix_args: dict[str, str] | None = None) -> None:
+                 upstream_code: str | None = None, fix_args: dict[str, str] | None = None,
+                 record_id: str | None = None) -> None:
         self.code = code
         self.spec = CODES[code]
         self.detail = detail or self.spec.cause
@@ -118,6 +131,7 @@ class IntakeError(Exception):
         self.details = details
         self.upstream_code = upstream_code
         self.fix_args = fix_args or {}
+        self.record_id = record_id  # the row this failure is about: the existing one, or one that may exist
         super().__init__(f"{code}: {self.detail}")
 
     @property
@@ -141,6 +155,8 @@ class IntakeError(Exception):
             out["details"] = self.details
         if self.upstream_code:
             out["upstreamCode"] = self.upstream_code
+        if self.record_id:
+            out["recordId"] = self.record_id
         if self.request_id:
             out["requestId"] = self.request_id
         if self.retry_after is not None:

@@ -38,6 +38,9 @@ def intake() -> Intake:
 def reset(**client_options: Any) -> None:
     """Forget the instance's objects (tests, benchmarks); options go to the next DataverseClient."""
     global _intake
+    from shared import diagnostics
+
+    diagnostics.forget()
     with _lock:
         if _intake is not None:
             _intake.client.close()
@@ -46,6 +49,7 @@ def reset(**client_options: Any) -> None:
         _options.update(client_options)
 
 
-# azure-core logs every request's headers at INFO; the host would ship them all. Warnings still pass.
-for _name in ("azure.core.pipeline.policies.http_logging_policy", "azure.identity"):
+# azure-core logs every request's headers at INFO; the host would ship them all. urllib3 logs every URL at
+# DEBUG, query string included: a contact lookup's filter holds the customer's email or phone. Warnings pass.
+for _name in ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "urllib3", "msal"):
     logging.getLogger(_name).setLevel(logging.WARNING)

@@ -11,7 +11,6 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from shared.errors import IntakeError
 from shared.settings import Settings
@@ -40,11 +39,24 @@ def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
     )
 
     fix = settings.fix_args()
+    if isinstance(exc, ValueError) and "challenge resource" in str(exc):
+        # The SDK's challenge-resource verification: the host at KEY_VAULT_URL names a resource that is not
+        # its own, so no token is sent to it (a wrong URL, or something else answering there).
+        return IntakeError("keyvault_unreachable", f"The server at {settings.key_vault_url} answered with a "
+                           "challenge for another resource, which does not match the vault's host: no token was "
+                           "sent. Check that KEY_VAULT_URL is the vault's URI.", fix_args=fix)
     if isinstance(exc, ResourceNotFoundError):
         return IntakeError("keyvault_secret_missing", f"The vault has no secret named {settings.secret_name!r}.",
                            fix_args=fix)
     if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
-        # Raised by the credential, before any answer from the vault: no identity could sign in.
+        # Raised by the credential, before any answer from the vault. An Entra ID outage is not a missing
+        # identity: classify the credential's own error as a token request's would be.
+        from shared.auth import entra_error
+
+        if entra_error(exc, settings).code == "entra_unavailable":
+            return IntakeError("keyvault_identity_unavailable", "Entra ID could not issue the app's identity a "
+                               "token for Key Vault (it answered a transient error or did not answer).",
+                               retry_after=5.0, fix_args=fix)
         return IntakeError("keyvault_auth_failed", "No Azure identity could get a token for Key Vault.", fix_args=fix)
     if isinstance(exc, HttpResponseError) and exc.status_code == 401:
         return IntakeError("keyvault_auth_failed", "Key Vault refused the identity's token (401).", fix_args=fix)
@@ -85,12 +97,10 @@ class SecretSource:
             if not s.is_public_authority:
                 kwargs["disable_instance_discovery"] = True
             credential = DefaultAzureCredential(**kwargs)
-            vault_host = urlsplit(s.key_vault_url).hostname or ""
-            self._client = SecretClient(
-                s.key_vault_url, credential,
-                # A vault outside *.vault.azure.net (sovereign clouds, the local stand-in) names another resource.
-                verify_challenge_resource=vault_host.endswith(".vault.azure.net"),
-                retry_total=2, retry_backoff_factor=0.2, connection_timeout=5, read_timeout=10)
+            # The SDK's challenge-resource verification stays on for every vault: sovereign-cloud vaults
+            # pass it, and a vault host that does not end with the challenge's resource is refused.
+            self._client = SecretClient(s.key_vault_url, credential, retry_total=2, retry_backoff_factor=0.2,
+                                        connection_timeout=5, read_timeout=10)
         return self._client
 
     def read(self) -> VaultSecret:

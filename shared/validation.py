@@ -16,11 +16,21 @@ MAX_BODY = 64 * 1024
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 _PHONE = re.compile(r"^\+?[0-9 ()./-]{3,40}$")
+PHONE_DIGITS = (6, 17)  # E.164 allows 15 digits; an international "00" prefix makes 17. Fewer than 6 is no number.
 _LOGICAL = re.compile(r"^[a-z][a-z0-9_]*(@odata\.bind)?\Z")
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: ids from other systems
+# The one rule for keys (externalId and the Idempotency-Key header alike; docs/contract.schema.json
+# $defs/key states it): printable ASCII, no spaces, 1-200 characters.
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}\Z")
 
 PRIORITY = {"high": 1, "normal": 2, "low": 3}
 ORIGIN = {"phone": 1, "email": 2, "web": 3}
+
+
+def normalise_phone(phone: str) -> str:
+    """The one normal form of a phone number, for validation, lookup and the derived contact id alike:
+    its digits, with a leading + kept when the number was written with one."""
+    digits = re.sub(r"[^0-9]", "", phone)
+    return ("+" + digits) if phone.lstrip().startswith("+") else digits
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,8 @@ class Customer:
     contact_id: str | None = None
     account_id: str | None = None
     email: str | None = None  # normalised: stripped, lower case
-    phone: str | None = None
+    phone: str | None = None  # normalised (normalise_phone)
+    phone_as_typed: str | None = None  # stripped, as the caller wrote it: older contacts may hold this form
     first_name: str | None = None
     last_name: str | None = None
 
@@ -128,6 +139,11 @@ class _Checker:
         if value is not None and not _PHONE.match(value):
             self.add(prefix + name, "must be a phone number: digits, spaces, + ( ) . / -")
             return None
+        if value is not None:
+            digits = len(normalise_phone(value).lstrip("+"))
+            if not PHONE_DIGITS[0] <= digits <= PHONE_DIGITS[1]:
+                self.add(prefix + name, f"must hold {PHONE_DIGITS[0]} to {PHONE_DIGITS[1]} digits")
+                return None
         return value
 
     def attributes(self, reserved: frozenset[str]) -> dict[str, Any]:
@@ -201,7 +217,8 @@ def _customer(c: _Checker) -> Customer | None:
         return None
     if email is None and last is None and "customer.lastName" not in {p["field"] for p in c.problems}:
         c.add("customer.lastName", "required when the customer is given by phone")
-    return Customer(email=email, phone=phone, first_name=first, last_name=last)
+    return Customer(email=email, phone=normalise_phone(phone) if phone else None, phone_as_typed=phone,
+                    first_name=first, last_name=last)
 
 
 def parse_case(data: dict) -> Event:
@@ -255,11 +272,15 @@ def parse_lead(data: dict) -> Event:
 
 
 def idempotency_key(header: str | None) -> str | None:
-    """The Idempotency-Key header, checked: 1-200 printable ASCII characters, or absent."""
-    if header is None or (0 < len(header) <= 200 and header.isprintable() and header.isascii()):
-        return header
-    raise IntakeError("invalid_request", "Idempotency-Key must be 1-200 printable ASCII characters.",
-                      details=[{"field": "Idempotency-Key", "problem": "must be 1-200 printable ASCII"}])
+    """The Idempotency-Key header, checked by the same rule as externalId, or absent."""
+    if header is None:
+        return None
+    value = header.strip()
+    if _KEY.match(value):
+        return value
+    problem = "must be printable ASCII without spaces, 1-200 characters (the rule of externalId)"
+    raise IntakeError("invalid_request", f"Idempotency-Key {problem}.",
+                      details=[{"field": "Idempotency-Key", "problem": problem}])
 
 
 def _summary(problems: list[dict]) -> str:

@@ -36,7 +36,7 @@ def binding(functions: dict, name: str, type_: str) -> dict:
 def test_http_routes_methods_and_auth_levels():
     functions = indexed()
     expected = {"create_case": ("cases", ["POST"], "FUNCTION"), "create_lead": ("leads", ["POST"], "FUNCTION"),
-                "diagnostics": ("diagnostics", ["GET"], "FUNCTION"), "health": ("health", ["GET"], "ANONYMOUS")}
+                "diagnostics": ("diagnostics", ["GET"], "ADMIN"), "health": ("health", ["GET"], "ANONYMOUS")}
     for name, (route, methods, level) in expected.items():
         trigger = binding(functions, name, "httpTrigger")
         assert trigger["route"] == route

@@ -27,6 +27,20 @@ def test_statuses_in_the_table_match_the_code_table():
         assert row.split("|")[2].strip() == str(spec.status), code
 
 
+def test_cause_and_fix_in_the_table_are_the_code_table_s():
+    """The README's cause and fix columns say exactly what the code table says (placeholders shown as names)."""
+    section = README.split("## Error codes and troubleshooting", 1)[1].split("### Patterns", 1)[0]
+    names = {"secret_name": "`<DYNAMICS_CLIENT_SECRET_NAME>`", "client_id": "`<DYNAMICS_CLIENT_ID>`",
+             "environment": "your environment"}
+    stale = []
+    for code, spec in CODES.items():
+        (row,) = [line for line in section.splitlines() if line.startswith(f"| `{code}` |")]
+        cells = [c.strip() for c in row.split(" | ")]
+        if (cells[3], cells[4]) != (spec.cause, spec.fix.format(**names)):
+            stale.append(code)
+    assert not stale, f"README rows that differ from shared/errors.py: {stale}"
+
+
 def test_quick_start_commands_exist_and_ci_calls_the_test_command():
     root = Path(__file__).resolve().parent.parent
     quick = README.split("## Quick start", 1)[1].split("###", 1)[0]

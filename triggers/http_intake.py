@@ -10,13 +10,15 @@ from collections.abc import Callable
 import azure.functions as func
 
 from shared import runtime
+from shared.deadline import Deadline
 from shared.errors import IntakeError
+from shared.intake import HEADER_KEY_SOURCE
 from shared.validation import Event, idempotency_key, parse_case, parse_json, parse_lead
 
 log = logging.getLogger("intake.http")
 bp = func.Blueprint()
 
-HTTP_BUDGET = 15.0  # seconds a caller on the line may wait, throttling included
+HTTP_BUDGET = 15.0  # seconds a caller on the line may wait for the whole call: secret, token, lookups, waits
 _JSON = "application/json"
 
 
@@ -30,12 +32,15 @@ def error_response(err: IntakeError, correlation_id: str) -> func.HttpResponse:
 
 def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict], Event]) -> func.HttpResponse:
     started = time.perf_counter()
+    deadline = Deadline(HTTP_BUDGET)
     invocation = context.invocation_id
     entity = "incident" if parse is parse_case else "lead"
     try:
         event = parse(parse_json(req.get_body()))
         key = idempotency_key(req.headers.get("Idempotency-Key"))
-        outcome = runtime.intake().submit(event, key=key, budget=HTTP_BUDGET)
+        # Header keys live in their own namespace (per source): they never meet an externalId.
+        outcome = runtime.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
+                                          budget=deadline)
     except IntakeError as err:
         log.warning("intake failed: invocation=%s entity=%s code=%s status=%s request_id=%s ms=%.0f",
                     invocation, entity, err.code, err.status, err.request_id or "-",

@@ -22,7 +22,7 @@ from shared.validation import Event, parse_case, parse_json, parse_lead
 log = logging.getLogger("intake.queue")
 bp = func.Blueprint()
 
-QUEUE_BUDGET = 60.0  # seconds a message may spend waiting out throttling before it is retried later
+QUEUE_BUDGET = 60.0  # seconds a message may spend in all (well under functionTimeout) before it is retried later
 KEY_SOURCE = "queue-message"  # namespaces message ids, so they never collide with an externalId
 
 

@@ -14,7 +14,19 @@ from urllib.parse import parse_qs, unquote
 from .base import HandlerFn, HttpError, Request, Response, Route, format_retry_after, json_response
 from .state import Fault, State, secret_value
 
-VAULT_RESOURCE = "https://vault.azure.net"
+VAULT_RESOURCE = "https://vault.azure.net"  # the public cloud's vault resource (kept for reference)
+
+
+def vault_resource(vault_url: str) -> str:
+    """The resource the vault stand-in names in its challenge: its host less the first label.
+
+    Key Vault's SDK verifies that the vault host ends with "." + the challenge resource's host
+    (x.vault.azure.net / vault.azure.net). 127.0.0.1 ends with ".0.0.1", so the app keeps that
+    verification on against the stand-in, as it does for every real vault. The SDK compares host and
+    port together, so the resource keeps the vault's port.
+    """
+    netloc = vault_url.split("://", 1)[-1].split("/", 1)[0]
+    return "https://" + netloc.split(".", 1)[1]
 
 MESSAGES = {
     90002: "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
@@ -309,6 +321,7 @@ class EntraService:
         dv = self.state.urls["dataverse"]
         if res in (dv.lower(), dv.lower().replace("127.0.0.1", "localhost")):
             return dv
-        if res == VAULT_RESOURCE:
-            return VAULT_RESOURCE
+        vault = vault_resource(self.state.urls["vault"])
+        if res == vault:
+            return vault
         return None

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from .base import HttpError, Request, Response, Route, format_retry_after, json_response
-from .entra import VAULT_RESOURCE, Directory
+from .entra import Directory, vault_resource
 from .state import Fault, State
 
 _NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
@@ -25,6 +25,7 @@ class Vault:
         self._secrets: dict[str, list[dict[str, Any]]] = {}
         self.readers: set[str] = set()
         self.denied = False
+        self.challenge_resource: str | None = None  # None: vault_resource(own URL), as a real vault matches
 
     def set(self, name: str, value: str, exp: float | None = None, tags: dict | None = None,
             content_type: str | None = None) -> str:
@@ -94,8 +95,8 @@ class VaultService:
 
     def challenge(self) -> Response:
         authority = f"{self.state.urls['entra']}/{self.state.ids.tenant_id}"
-        return Response(401, b"", [("WWW-Authenticate",
-                                    f'Bearer authorization="{authority}", resource="{VAULT_RESOURCE}"')])
+        resource = self.vault.challenge_resource or vault_resource(self.base)
+        return Response(401, b"", [("WWW-Authenticate", f'Bearer authorization="{authority}", resource="{resource}"')])
 
     def fault_response(self, req: Request, fault: Fault) -> Response:
         s = fault.status
@@ -140,7 +141,7 @@ class VaultService:
                                                             "api-version query parameter."))
         auth = req.header("Authorization") or ""
         scheme, _, token = auth.partition(" ")
-        info = (self.directory.check(token.strip(), VAULT_RESOURCE, honour_revocation=False)
+        info = (self.directory.check(token.strip(), vault_resource(self.base), honour_revocation=False)
                 if scheme.lower() == "bearer" else None)
         if info is None:
             raise HttpError(self.challenge())

@@ -10,7 +10,7 @@ from typing import Any
 
 from .base import TlsServer
 from .dataverse import DataverseService, Org
-from .entra import VAULT_RESOURCE, Directory, EntraService
+from .entra import Directory, EntraService, vault_resource
 from .keyvault import Vault, VaultService
 from .state import SERVICES, TIMEOUT_AFTER_APPLY, FailRule, Rates, State, service_name
 from .tls import make_tls
@@ -149,7 +149,10 @@ class StandIn:
     seed_contact_id = property(lambda self: self.state.ids.seed_contact_id)
     seed_account_id = property(lambda self: self.state.ids.seed_account_id)
     dynamics_secret_name = DYNAMICS_SECRET_NAME
-    vault_resource = VAULT_RESOURCE
+
+    @property
+    def vault_resource(self) -> str:
+        return vault_resource(self.vault_url)
 
     @property
     def dynamics_secret(self) -> str:
@@ -303,6 +306,10 @@ class StandIn:
 
     def deny_vault_access(self, deny: bool = True) -> None:
         self.vault.denied = bool(deny)
+
+    def set_vault_challenge_resource(self, resource: str | None) -> None:
+        """Make the vault's 401 challenge name another resource (a proxy, a wrong URL); None restores it."""
+        self.vault.challenge_resource = resource
 
     # ---- Dataverse controls -------------------------------------------------------------------------
     def _user(self, **changes: Any) -> None:
