@@ -27,10 +27,26 @@ ORIGIN = {"phone": 1, "email": 2, "web": 3}
 
 
 def normalise_phone(phone: str) -> str:
-    """The one normal form of a phone number, for validation, lookup and the derived contact id alike:
-    its digits, with a leading + kept when the number was written with one."""
+    """The one normal form of a phone number, for validation, lookup and the derived contact id alike.
+
+    An international number (leading +) that `phonenumbers` finds possible becomes E.164, which also
+    drops a national trunk prefix written as "(0)" (+44 (0)20 ... is +4420...). Anything else becomes its
+    digits, with a leading + kept: without a region, a national number has no E.164 form, and guessing a
+    region could bind a caller to another person's contact. phonenumbers is imported on the first phone
+    only (about 20 ms), never at start-up.
+    """
     digits = re.sub(r"[^0-9]", "", phone)
-    return ("+" + digits) if phone.lstrip().startswith("+") else digits
+    if not phone.lstrip().startswith("+"):
+        return digits
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(phone, None)
+    except phonenumbers.NumberParseException:
+        return "+" + digits
+    if phonenumbers.is_possible_number(number):
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return "+" + digits
 
 
 @dataclass(frozen=True)

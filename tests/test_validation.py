@@ -78,7 +78,9 @@ def test_phone_with_too_few_or_too_many_digits_is_refused(phone):
 
 
 @pytest.mark.parametrize(("typed", "normal"), [("+1 (555) 0100", "+15550100"), ("0043 1 234-5678", "004312345678"),
-                                               (" 555.010.0199 ", "5550100199")])
+                                               (" 555.010.0199 ", "5550100199"),
+                                               ("+44 (0)20 7946 0000", "+442079460000"),
+                                               ("+1 650-253-0000", "+16502530000")])
 def test_phone_normal_form(typed, normal):
     ev = parse_case({"title": "t", "customer": {"phone": typed, "lastName": "Doe"}})
     assert ev.customer.phone == normal
