@@ -24,8 +24,9 @@ def indexed() -> dict[str, dict]:
     return _INDEXED
 
 
-def test_six_functions_are_indexed():
-    assert sorted(indexed()) == ["cases_queue", "create_case", "create_lead", "diagnostics", "health", "leads_queue"]
+def test_seven_functions_are_indexed():
+    assert sorted(indexed()) == ["cases_queue", "create_case", "create_lead", "diagnostics", "health", "leads_queue",
+                                 "openapi"]
 
 
 def binding(functions: dict, name: str, type_: str) -> dict:
@@ -36,7 +37,8 @@ def binding(functions: dict, name: str, type_: str) -> dict:
 def test_http_routes_methods_and_auth_levels():
     functions = indexed()
     expected = {"create_case": ("cases", ["POST"], "FUNCTION"), "create_lead": ("leads", ["POST"], "FUNCTION"),
-                "diagnostics": ("diagnostics", ["GET"], "ADMIN"), "health": ("health", ["GET"], "ANONYMOUS")}
+                "diagnostics": ("diagnostics", ["GET"], "ADMIN"), "health": ("health", ["GET"], "ANONYMOUS"),
+                "openapi": ("openapi.json", ["GET"], "ANONYMOUS")}
     for name, (route, methods, level) in expected.items():
         trigger = binding(functions, name, "httpTrigger")
         assert trigger["route"] == route

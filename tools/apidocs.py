@@ -1,0 +1,206 @@
+"""Generate the API descriptions from their one source: docs/contract.schema.json and the code table.
+
+    python -m tools.apidocs          write docs/openapi.json and the Power Automate connector's swagger
+    python -m tools.apidocs --check  exit 1 (one line per stale file) when a committed file is out of date
+
+OpenAPI 3.1 takes the contract's JSON Schema (2020-12) as it is; Swagger 2.0 (Power Automate custom
+connectors accept nothing newer) gets a down-converted copy: no null types, no anyOf, no lookaround
+patterns; the descriptions keep every rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACT = ROOT / "docs" / "contract.schema.json"
+OPENAPI = ROOT / "docs" / "openapi.json"
+SWAGGER = ROOT / "integrations" / "power-automate" / "apiDefinition.swagger.json"
+KEY_HEADER = "x-functions-key"
+ROUTES = {"cases": ("case", "CreateCase", "Create a case",
+                    "Creates a Dynamics 365 case (incident) for a customer found or created by email or phone. "
+                    "Send externalId (and source) so a retry can never create a second case."),
+          "leads": ("lead", "CreateLead", "Create a lead",
+                    "Creates a Dynamics 365 lead. Send externalId (and source) so a retry can never create a "
+                    "second lead.")}
+# Which error codes each answer can carry (the code table's status decides; a code is listed where it occurs).
+ERROR_STATUSES = (400, 409, 413, 415, 500, 502, 503, 504)
+
+
+def _contract() -> dict[str, Any]:
+    return json.loads(CONTRACT.read_text())
+
+
+def _codes() -> dict[int, list[str]]:
+    from shared.errors import CODES
+
+    out: dict[int, list[str]] = {}
+    for code, spec in CODES.items():
+        out.setdefault(spec.status, []).append(code)
+    return out
+
+
+def _created_schema(entity: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["id", "entity", "created"], "additionalProperties": False,
+            "properties": {"id": {"type": "string", "format": "uuid", "description": "The record's id."},
+                           "entity": {"type": "string", "enum": [entity]},
+                           "created": {"type": "boolean",
+                                       "description": "true: created now; false: this key's record existed."}}}
+
+
+def _error_schema(codes: list[str]) -> dict[str, Any]:
+    return {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {
+        "type": "object", "required": ["code", "message", "fix", "correlationId"], "properties": {
+            "code": {"type": "string", "enum": sorted(codes),
+                     "description": "Stable code: README, 'Error codes and troubleshooting'."},
+            "message": {"type": "string"}, "fix": {"type": "string"}, "correlationId": {"type": "string"},
+            "details": {"type": "array", "items": {"type": "object", "properties": {
+                "field": {"type": "string"}, "problem": {"type": "string"}}}},
+            "upstreamCode": {"type": "string"}, "requestId": {"type": "string"},
+            "recordId": {"type": "string", "description": "The record the error is about (409, 503, 504)."},
+            "retryAfter": {"type": "number"}}}}}
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the HTTP routes."""
+    from shared import __version__
+
+    contract = _contract()
+    schemas = json.loads(json.dumps(contract["$defs"]).replace("#/$defs/", "#/components/schemas/"))
+    by_status = _codes()
+    paths: dict[str, Any] = {}
+    for route, (entity_def, op_id, summary, description) in ROUTES.items():
+        entity = "incident" if entity_def == "case" else "lead"
+        responses: dict[str, Any] = {
+            "201": {"description": "Created.", "content": {"application/json": {"schema": _created_schema(entity)}}},
+            "200": {"description": "A repeat of the same event's key: the existing record.",
+                    "content": {"application/json": {"schema": _created_schema(entity)}}}}
+        responses["401"] = {"description": "No function key, or a wrong one: answered by the Functions host itself, "
+                                           "with an empty body."}
+        for status in ERROR_STATUSES:
+            resp: dict[str, Any] = {"description": ", ".join(sorted(by_status[status])),
+                                    "content": {"application/json": {"schema": _error_schema(by_status[status])}}}
+            if status == 503:
+                resp["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                                   "description": "Seconds to wait before sending again."}}
+            responses[str(status)] = resp
+        paths[f"/{route}"] = {"post": {
+            "operationId": op_id, "summary": summary, "description": description,
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "description": schemas["idempotencyKey"]["description"],
+                            "schema": {"$ref": "#/components/schemas/idempotencyKey"}}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{entity_def}"}}}},
+            "responses": responses}}
+    paths["/health"] = {"get": {"operationId": "Health", "summary": "Liveness", "security": [],
+                                "responses": {"200": {"description": "The app is running.", "content": {
+                                    "application/json": {"schema": {"type": "object", "required": ["status"],
+                                                                    "properties": {"status": {"const": "ok"},
+                                                                                   "version": {"type": "string"}}}}}}}}}
+    return {"openapi": "3.1.0",
+            "info": {"title": "Dynamics 365 intake", "version": __version__,
+                     "description": contract["description"]},
+            "servers": [{"url": "https://{app}.azurewebsites.net/api",
+                         "variables": {"app": {"default": "contoso-intake"}}},
+                        {"url": "http://localhost:7071/api"}],
+            "security": [{"functionKey": []}],
+            "paths": paths,
+            "components": {"schemas": schemas, "securitySchemes": {"functionKey": {
+                "type": "apiKey", "in": "header", "name": KEY_HEADER,
+                "description": "A function key of the Function App (az functionapp function keys list)."}}}}
+
+
+_SWAGGER_KEYWORDS = frozenset({"type", "format", "title", "description", "default", "maximum", "minimum", "maxLength",
+                               "minLength", "maxItems", "minItems", "enum", "items", "properties", "required",
+                               "additionalProperties", "readOnly", "example"})
+
+
+def _down(node: Any, defs: dict[str, Any]) -> Any:
+    """A JSON Schema 2020-12 node as Swagger 2.0 accepts it: refs inlined, nulls and anyOf folded away."""
+    if isinstance(node, list):
+        return [_down(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        return _down(copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]]), defs)
+    out: dict[str, Any] = {}
+    if "anyOf" in node:  # fold the alternatives into one object whose description says "exactly one way"
+        props: dict[str, Any] = {}
+        for alt in node["anyOf"]:
+            for name, sub in (alt.get("properties") or {}).items():
+                if "enum" not in sub:
+                    props.setdefault(name, _down(sub, defs))
+        if props:
+            out["properties"] = props
+    for key, value in node.items():
+        if key not in _SWAGGER_KEYWORDS or (key == "properties" and "properties" in out):
+            continue
+        if key == "type" and isinstance(value, list):
+            kinds = [t for t in value if t != "null"]
+            if len(kinds) == 1:  # several kinds (string, number, boolean) have no Swagger 2.0 type: leave it open
+                out["type"] = kinds[0]
+            if "null" in value:
+                out["x-nullable"] = True
+        elif key == "enum":
+            out["enum"] = [v for v in value if v is not None]
+        elif key == "properties":
+            out["properties"] = {k: _down(v, defs) for k, v in value.items()}
+        else:
+            out[key] = _down(value, defs)
+    return out
+
+
+def swagger() -> dict[str, Any]:
+    """The Power Automate / Logic Apps custom connector's definition (Swagger 2.0), from the same source."""
+    doc = openapi()
+    defs = doc["components"]["schemas"]
+    paths: dict[str, Any] = {}
+    for route, (entity_def, op_id, summary, description) in ROUTES.items():
+        op = doc["paths"][f"/{route}"]["post"]
+        responses = {}
+        for status, resp in op["responses"].items():
+            responses[status] = {"description": resp["description"]}
+            if "content" in resp:
+                responses[status]["schema"] = _down(resp["content"]["application/json"]["schema"], defs)
+        paths[f"/{route}"] = {"post": {
+            "operationId": op_id, "summary": summary, "description": description,
+            "consumes": ["application/json"], "produces": ["application/json"],
+            "parameters": [
+                {"name": "Idempotency-Key", "in": "header", "required": False, "type": "string",
+                 "x-ms-summary": "Idempotency key", "description": defs["idempotencyKey"]["description"]},
+                {"name": "body", "in": "body", "required": True, "schema": _down(defs[entity_def], defs)}],
+            "responses": responses}}
+    return {"swagger": "2.0",
+            "info": {"title": "Dynamics 365 intake", "version": doc["info"]["version"],
+                     "description": "Create Dynamics 365 cases and leads exactly once, with named failures."},
+            "host": "contoso-intake.azurewebsites.net", "basePath": "/api", "schemes": ["https"],
+            "securityDefinitions": {"api_key": {"type": "apiKey", "in": "header", "name": KEY_HEADER}},
+            "security": [{"api_key": []}],
+            "paths": paths}
+
+
+def rendered() -> dict[Path, str]:
+    return {OPENAPI: json.dumps(openapi(), indent=2, ensure_ascii=False) + "\n",
+            SWAGGER: json.dumps(swagger(), indent=2, ensure_ascii=False) + "\n"}
+
+
+def main(argv: list[str]) -> int:
+    files = rendered()
+    if argv[:1] == ["--check"]:
+        stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+        for p in stale:
+            print(f"{p.relative_to(ROOT)} is out of date: run python -m tools.apidocs", file=sys.stderr)
+        return 1 if stale else 0
+    for p, text in files.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
