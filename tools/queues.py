@@ -32,8 +32,10 @@ def azurite_connection_string(queue_port: int = 10001, blob_port: int | None = N
             f"QueueEndpoint=http://{host}:{queue_port}/devstoreaccount1;")
 
 
-def queue_client(conn_str: str, queue: str, *, binary: bool = False) -> Any:
-    """A QueueClient that writes base64, as the Functions host reads; reads base64 back to text or bytes."""
+def queue_client(conn_str: str, queue: str, *, binary: bool = False, **options: Any) -> Any:
+    """A QueueClient that writes base64, as the Functions host reads; reads base64 back to text or bytes.
+
+    `options` go to the client (the command line passes short timeouts and few retries)."""
     from azure.storage.queue import (
         BinaryBase64DecodePolicy,
         BinaryBase64EncodePolicy,
@@ -44,9 +46,9 @@ def queue_client(conn_str: str, queue: str, *, binary: bool = False) -> Any:
 
     if binary:
         return QueueClient.from_connection_string(conn_str, queue, message_encode_policy=BinaryBase64EncodePolicy(),
-                                                  message_decode_policy=BinaryBase64DecodePolicy())
+                                                  message_decode_policy=BinaryBase64DecodePolicy(), **options)
     return QueueClient.from_connection_string(conn_str, queue, message_encode_policy=TextBase64EncodePolicy(),
-                                              message_decode_policy=TextBase64DecodePolicy())
+                                              message_decode_policy=TextBase64DecodePolicy(), **options)
 
 
 def ensure(client: Any) -> Any:
@@ -99,8 +101,9 @@ def replay(conn_str: str, queue: str, *, rejected: bool = False, limit: int = 10
     body is left where it is (its id is added to `skipped`) and made visible again at the end.
     Returns the number of messages moved.
     """
-    source = queue_client(conn_str, f"{queue}-{'rejected' if rejected else 'poison'}", binary=True)
-    target = ensure(queue_client(conn_str, queue, binary=True))
+    source = ensure(queue_client(conn_str, f"{queue}-{'rejected' if rejected else 'poison'}", binary=True,
+                                 **_CLI_OPTIONS))
+    target = ensure(queue_client(conn_str, queue, binary=True, **_CLI_OPTIONS))
     started = datetime.now(UTC).replace(microsecond=0)  # the service stamps insertion times in whole seconds
     moved = 0
     held: list[Any] = []
@@ -134,6 +137,39 @@ def replay(conn_str: str, queue: str, *, rejected: bool = False, limit: int = 10
     return moved
 
 
+_CLI_OPTIONS: dict[str, Any] = {}  # set by main(): fail within seconds when storage is unreachable
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2."""
+
+
+def _event(text: str) -> dict:
+    try:
+        event = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"the event is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(event, dict):
+        raise UsageError(f"the event must be a JSON object, not {type(event).__name__}")
+    return event
+
+
+def _run(args: argparse.Namespace, conn: str) -> int:
+    if args.command == "send":
+        event = _event(args.body)
+        client = ensure(queue_client(conn, args.queue, **_CLI_OPTIONS))
+        print(client.send_message(json.dumps(event)).id)
+        return 0
+    skipped: list[str] = []
+    moved = replay(conn, args.queue, rejected=args.rejected, limit=args.limit, seconds=args.seconds,
+                   skipped=skipped)
+    print(f"moved {moved} message(s)")
+    if skipped:
+        print(f"left {len(skipped)} record(s) without a resendable body in {args.queue}-rejected: "
+              + ", ".join(skipped[:20]), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,17 +183,25 @@ def main(argv: list[str] | None = None) -> int:
     p_replay.add_argument("--seconds", type=float, default=300.0, help="stop after this long")
     args = parser.parse_args(argv)
     conn = os.environ.get("AZURE_STORAGE_CONNECTION_STRING", AZURITE)
-    if args.command == "send":
-        print(send(conn, args.queue, json.loads(args.body)))
-        return 0
-    skipped: list[str] = []
-    moved = replay(conn, args.queue, rejected=args.rejected, limit=args.limit, seconds=args.seconds,
-                   skipped=skipped)
-    print(f"moved {moved} message(s)")
-    if skipped:
-        print(f"left {len(skipped)} record(s) without a resendable body in {args.queue}-rejected: "
-              + ", ".join(skipped[:20]), file=sys.stderr)
-    return 0
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+
+    _CLI_OPTIONS.update(retry_total=0, connection_timeout=3, read_timeout=10)  # storage backs off 15 s per retry
+    try:
+        return _run(args, conn)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except ServiceRequestError:
+        where = "the local Azurite (start it with ./scripts/run-local.sh)" if conn == AZURITE else \
+            "the storage account in AZURE_STORAGE_CONNECTION_STRING"
+        print(f"error: queue storage cannot be reached: {where}", file=sys.stderr)
+    except ClientAuthenticationError:
+        print("error: queue storage refused the credentials in AZURE_STORAGE_CONNECTION_STRING", file=sys.stderr)
+    except HttpResponseError as exc:
+        print(f"error: queue storage answered {exc.status_code} {getattr(exc, 'error_code', '') or ''}".rstrip(),
+              file=sys.stderr)
+    except ValueError as exc:  # a malformed connection string
+        print(f"error: AZURE_STORAGE_CONNECTION_STRING is not usable: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""The Genesys Cloud data actions: their Velocity templates rendered (airspeed) for ordinary and hostile
+inputs, posted to the functions, and the answers mapped through the action's own response config."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import airspeed
+import jsonschema
+import pytest
+
+from triggers import http_intake
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTIONS = {name: json.loads((ROOT / "integrations" / "genesys" / f"{name}.json").read_text())
+           for name in ("create-case", "create-lead")}
+CONTRACT = json.loads((ROOT / "docs" / "contract.schema.json").read_text())
+CREDENTIALS = {"functionAppHost": "intake.example.net", "functionKey": "k3y"}
+
+
+class Esc:
+    """Genesys' $esc.jsonString: the value escaped for use inside a JSON string literal."""
+
+    def jsonString(self, value: object) -> str:  # noqa: N802 - the Velocity tool's name
+        return json.dumps("" if value is None else str(value), ensure_ascii=False)[1:-1]
+
+
+def render(template: str, **context: object) -> str:
+    return airspeed.Template(template).merge({"esc": Esc(), "credentials": CREDENTIALS, **context})
+
+
+def run_action(stack, action: dict, inputs: dict) -> tuple[int, dict]:
+    """Render the request as Genesys would, call the function, map the answer as the action's config says."""
+    request = action["config"]["request"]
+    url = render(request["requestUrlTemplate"], input=inputs)
+    headers = {k: render(v, input=inputs) for k, v in request["headers"].items()}
+    body = render(request["requestTemplate"], input=inputs)
+    template_only = body
+    for value in inputs.values():  # an input may itself hold "$input": it is data, never evaluated
+        template_only = template_only.replace(Esc().jsonString(value), "")
+    assert "$input" not in template_only and "$esc" not in template_only, body
+    event = json.loads(body)  # unescaped quotes or newlines would fail here, as they fail the action
+    kind = "case" if url.endswith("/api/cases") else "lead"
+    ref = {"$ref": f"#/$defs/{kind}", "$defs": CONTRACT["$defs"]}
+    jsonschema.Draft202012Validator(ref).validate(event)
+    assert headers["x-functions-key"] == CREDENTIALS["functionKey"]
+    fn = http_intake.create_case if kind == "case" else http_intake.create_lead
+    status, answer, _ = stack.call(fn, route=f"api/{kind}s", raw=body.encode(), headers=headers)
+    if status not in (200, 201):
+        return status, answer
+    response = action["config"]["response"]
+    mapped = {name: json.dumps(answer[path.removeprefix("$.")]) for name, path in response["translationMap"].items()}
+    output = json.loads(render(response["successTemplate"], **mapped))
+    jsonschema.Draft4Validator(action["contract"]["output"]["successSchema"]).validate(output)
+    return status, output
+
+
+def test_exported_actions_follow_the_format():
+    for action in ACTIONS.values():
+        assert action["integrationType"] == "custom-rest-actions" and action["actionType"] == "custom"
+        assert action["config"]["timeoutSeconds"] > http_intake.HTTP_BUDGET  # covers the app's whole budget
+        assert 1 <= action["config"]["timeoutSeconds"] <= 60
+        inputs = action["contract"]["input"]["inputSchema"]
+        jsonschema.Draft4Validator.check_schema(inputs)
+        for name, prop in inputs["properties"].items():
+            assert re.match(r"^[A-Za-z]", name) and name not in ("orgId", "integrationId", "rawRequest")
+            assert prop["type"] in ("string", "integer", "number", "boolean")  # flat, as Architect needs
+        assert "${credentials.functionKey}" in action["config"]["request"]["headers"]["x-functions-key"]
+
+
+HOSTILE = ['He said "no dial tone"', "back\\slash \\\" \\n", "line one\nline two\r\n\ttabbed",
+           "Привет, 東京 — ünïcödé", "#if($x) $input.title ${y} #end", "'; DROP TABLE incidents; --"]
+
+
+@pytest.mark.parametrize("text", ["Caller reports outage", *HOSTILE])
+def test_case_action_with_ordinary_and_hostile_text(stack, text):
+    inputs = {"title": text[:200], "description": text, "priority": "high", "customerEmail": "ada@example.com",
+              "customerFirstName": text[:50], "conversationId": "c0nv-" + str(abs(hash(text)))}
+    status, out = run_action(stack, ACTIONS["create-case"], inputs)
+    assert status == 201, out
+    (row,) = stack.si.records("incidents")
+    assert row["title"] == text[:200].strip() and row["description"] == text.strip()
+    assert out == {"caseId": row["incidentid"], "created": True}
+
+
+def test_empty_optionals_render_as_absent(stack):
+    inputs = {"title": "t", "description": "", "priority": "", "customerContactId": "", "customerEmail": "",
+              "customerPhone": "+1 (555) 0100", "customerLastName": "Lovelace", "conversationId": "conv-2"}
+    status, out = run_action(stack, ACTIONS["create-case"], inputs)
+    assert status == 201, out
+    (row,) = stack.si.records("incidents")
+    assert row["_customerid_value"] == stack.si.seed_contact_id and row["prioritycode"] == 2
+    status, out = run_action(stack, ACTIONS["create-case"], {"title": "t", "conversationId": "conv-3",
+                                                             "customerContactId": stack.si.seed_contact_id})
+    assert status == 201, out
+
+
+def test_the_same_conversation_twice_is_one_case(stack):
+    inputs = {"title": "Outage", "customerEmail": "ada@example.com", "conversationId": "conv-twice"}
+    first = run_action(stack, ACTIONS["create-case"], inputs)
+    second = run_action(stack, ACTIONS["create-case"], inputs)
+    assert (first[0], second[0]) == (201, 200)
+    assert first[1]["caseId"] == second[1]["caseId"] and second[1]["created"] is False
+    assert len(stack.si.records("incidents")) == 1
+
+
+def test_lead_action(stack):
+    inputs = {"lastName": 'O"Brien', "firstName": "Séan", "email": "sean@example.com", "company": "",
+              "subject": "Wants a quote\nfor 3 seats", "conversationId": "conv-lead"}
+    status, out = run_action(stack, ACTIONS["create-lead"], inputs)
+    assert status == 201, out
+    (row,) = stack.si.records("leads")
+    assert (row["lastname"], out["leadId"]) == ('O"Brien', row["leadid"])
+    assert run_action(stack, ACTIONS["create-lead"], inputs)[0] == 200
