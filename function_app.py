@@ -2,9 +2,11 @@
 
 import azure.functions as func
 
-from triggers import http_intake, ops, queue_intake
+from triggers.http_intake import http_bp
+from triggers.ops import ops_bp
+from triggers.queue_intake import queue_bp
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
-app.register_functions(http_intake.bp)
-app.register_functions(queue_intake.bp)
-app.register_functions(ops.bp)
+app.register_functions(http_bp)
+app.register_functions(queue_bp)
+app.register_functions(ops_bp)

@@ -21,20 +21,70 @@ from tools.queues import send
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_without_func_the_run_command_says_how_to_install_and_starts_nothing(tmp_path):
+def no_func_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PATH"}
-    env["PATH"] = f"{Path(shutil.which('python3')).parent}:/usr/bin:/bin"  # no func here
+    env["PATH"] = f"{Path(shutil.which('python3')).parent}:{Path(shutil.which('npm')).parent}:/usr/bin:/bin"
     assert shutil.which("func", path=env["PATH"]) is None
-    before = subprocess.run(["pgrep", "-f", "azurite|tools.standin"], capture_output=True, text=True,
-                            check=False).stdout.split()
-    out = subprocess.run([str(ROOT / "scripts" / "run-local.sh")], capture_output=True, text=True, env=env,
-                         timeout=60, check=False)
-    assert out.returncode == 2
+    return env
+
+
+def running() -> set[str]:
+    return set(subprocess.run(["pgrep", "-f", "azurite|tools.standin"], capture_output=True, text=True,
+                              check=False).stdout.split())
+
+
+@pytest.mark.skipif(shutil.which("func") is not None or localstack.LOCAL_FUNC.exists(),
+                    reason="Azure Functions Core Tools is installed here: nothing to show without it")
+def test_without_func_the_run_command_sets_up_tries_npm_and_says_what_to_do(tmp_path):
+    before = running()
+    out = subprocess.run([str(ROOT / "scripts" / "run-local.sh"), "--settings", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, env=no_func_env(), timeout=600, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "trying the project-local install from npm" in out.stdout
     assert "npm install -g azure-functions-core-tools@4" in out.stderr
-    assert "Nothing was started" in out.stderr
-    after = subprocess.run(["pgrep", "-f", "azurite|tools.standin"], capture_output=True, text=True,
-                           check=False).stdout.split()
-    assert set(after) <= set(before)
+    assert "--stack-only" in out.stderr and "Nothing is left running" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert (ROOT / ".venv" / "bin" / "python").exists() and localstack.AZURITE.exists()  # it set up first
+    assert running() <= before
+
+
+def test_stack_only_keeps_azurite_and_the_stand_in_and_serves_the_routes(tmp_path):
+    """Where func cannot be had: the README's curl and queue commands work against the running stack."""
+    port = free_port()
+    settings = tmp_path / "local.settings.json"
+    proc = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh"), "--stack-only", "--port", str(port),
+                             "--settings", str(settings), "--seconds", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=no_func_env())
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("stack ready"):
+                break
+        assert any(line.startswith("stack ready") for line in lines), "".join(lines)
+        values = json.loads(settings.read_text())["Values"]
+        assert values["DYNAMICS_URL"].startswith("https://127.0.0.1:")
+        assert requests.get(f"http://127.0.0.1:{port}/api/health", timeout=5).json()["status"] == "ok"
+        resp = requests.post(f"http://127.0.0.1:{port}/api/cases", timeout=20,
+                             json={"title": "Caller reports outage", "customer": {"email": "ada@example.com"},
+                                   "externalId": "call-1"})
+        assert resp.status_code in (200, 201), resp.text
+        assert requests.get(f"http://127.0.0.1:{port}/api/diagnostics", timeout=20).json()["status"] == "ok"
+        env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": values["AzureWebJobsStorage"]}
+        sent = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tools.queues", "send", "cases",
+                               '{"title": "From the queue", "customer": {"email": "ada@example.com"}}'],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert sent.returncode == 0, sent.stderr
+        replay = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tools.queues", "replay", "cases"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert (replay.returncode, replay.stdout.strip()) == (0, "moved 0 message(s)"), replay.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_stand_in_process_and_written_settings_make_a_working_app(tmp_path, monkeypatch):

@@ -1,10 +1,15 @@
 """The local stack: Azurite, the HTTPS stand-in for Entra ID / Key Vault / Dataverse, and `func start`.
 
-    ./scripts/run-local.sh            (calls: python -m tools.localstack)
+    ./scripts/run-local.sh                 (sets up, then: python -m tools.localstack)
+    ./scripts/run-local.sh --stack-only    Azurite + stand-in + the HTTP routes, without `func`
 
 Without a local.settings.json it writes one that points at the stand-in, so the app runs with no
 Azure tenant. With a local.settings.json whose DYNAMICS_URL is a real environment, it starts only
-Azurite and the Functions host. Everything it started stops when `func` stops (Ctrl-C).
+Azurite and the Functions host. `func` is the one on PATH, else the project-local one from npm
+(package.json lists it as optional: its installer downloads the host from a CDN, which some networks
+refuse). Where neither can be had, --stack-only keeps Azurite and the stand-in running and serves the
+HTTP routes through tools.httphost, so the README's curl and queue commands can be tried. Everything
+it started stops with it (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,16 +32,19 @@ SETTINGS = ROOT / "local.settings.json"
 AZURITE = ROOT / "node_modules" / ".bin" / "azurite"
 STANDIN_PORTS = {"entra": 7441, "vault": 7442, "dataverse": 7443}
 AZURITE_PORTS = {"blob": 10000, "queue": 10001, "table": 10002}
-QUEUES = ("cases", "leads", "cases-rejected", "leads-rejected")
+QUEUES = ("cases", "leads", "cases-rejected", "leads-rejected", "cases-poison", "leads-poison")
+LOCAL_FUNC = ROOT / "node_modules" / ".bin" / "func"
 
 FUNC_MISSING = """\
-Azure Functions Core Tools (the `func` command) is not installed, so the app cannot be started.
-Install version 4, then run ./scripts/run-local.sh again:
-  npm install -g azure-functions-core-tools@4 --unsafe-perm true
-  (or: macOS `brew tap azure/functions && brew install azure-functions-core-tools@4`;
-   Windows `winget install Microsoft.Azure.FunctionsCoreTools`;
-   Linux packages: https://learn.microsoft.com/azure/azure-functions/functions-run-local)
-Nothing was started. The test suite needs no `func`: ./scripts/test.sh"""
+Azure Functions Core Tools (the `func` command) is not installed, and the project-local install from
+npm failed{why}, so the Functions host cannot be started. Either:
+  - install version 4, then run ./scripts/run-local.sh again:
+      npm install -g azure-functions-core-tools@4 --unsafe-perm true
+      (or: macOS `brew tap azure/functions && brew install azure-functions-core-tools@4`;
+       Windows `winget install Microsoft.Azure.FunctionsCoreTools`;
+       Linux packages: https://learn.microsoft.com/azure/azure-functions/functions-run-local)
+  - or run ./scripts/run-local.sh --stack-only: Azurite, the stand-in and the HTTP routes, without func.
+Nothing is left running. The test suite needs no `func`: ./scripts/test.sh"""
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -119,6 +128,45 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
+def find_func(install: bool = True) -> tuple[str | None, str]:
+    """`func` from PATH, else the project's own (node_modules/.bin), installed from npm on first need.
+
+    Returns (path or None, why it could not be had)."""
+    found = shutil.which("func") or (str(LOCAL_FUNC) if LOCAL_FUNC.exists() else None)
+    if found or not install:
+        return found, ""
+    npm = shutil.which("npm")
+    if npm is None:
+        return None, " (npm is not installed)"
+    print("Azure Functions Core Tools is not installed: trying the project-local install from npm ...")
+    try:
+        out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--include=optional", "--loglevel=error"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        return None, " (npm did not finish within 10 minutes)"
+    if LOCAL_FUNC.exists():
+        return str(LOCAL_FUNC), ""
+    cause = next((line.removeprefix("npm error ").strip() for line in out.stderr.splitlines()
+                  if "ENOTFOUND" in line or "ECONNREFUSED" in line or "ETIMEDOUT" in line or "403" in line), "")
+    return None, f" (its installer could not download the host: {cause})" if cause else ""
+
+
+def serve_stack_only(port: int, seconds: float | None) -> int:
+    """Keep the stack up and serve the HTTP routes until Ctrl-C (or `seconds`, for tests)."""
+    from tools.httphost import serve
+
+    with serve(port, keys=False) as url:
+        print(f"stack ready: HTTP routes at {url} (tools.httphost, not the Functions host: queue messages wait "
+              "in Azurite until func runs); Ctrl-C stops everything", flush=True)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def func_env() -> dict[str, str]:
     """The host starts its Python worker from PATH: put the project's venv first."""
     env = dict(os.environ)
@@ -128,13 +176,25 @@ def func_env() -> dict[str, str]:
     return env
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=7071, help="port of the Functions host")
+    parser.add_argument("--port", type=int, default=7071, help="port of the Functions host (or the HTTP routes)")
+    parser.add_argument("--stack-only", action="store_true",
+                        help="no func: keep Azurite and the stand-in running and serve the HTTP routes")
+    parser.add_argument("--settings", type=Path, default=SETTINGS,
+                        help="the local.settings.json to use or write (--stack-only; func reads ./local.settings.json)")
+    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)  # tests: stop after this
     args = parser.parse_args(argv)
-    func = shutil.which("func")
-    if func is None:
-        print(FUNC_MISSING, file=sys.stderr)
+    settings_path: Path = args.settings
+    # SIGTERM (a terminal closing, a supervisor) must stop the children too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    func, why = (None, "") if args.stack_only else find_func()
+    if func is None and not args.stack_only:
+        print(FUNC_MISSING.format(why=why), file=sys.stderr)
         return 2
     procs: list[subprocess.Popen | None] = []
     try:
@@ -142,16 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         from tools.queues import azurite_connection_string
 
         create_queues(azurite_connection_string(AZURITE_PORTS["queue"]))
-        if not SETTINGS.exists() or uses_standin(SETTINGS):
+        if not settings_path.exists() or uses_standin(settings_path):
             proc, info = start_standin(STATE / "standin", STANDIN_PORTS)
             procs.append(proc)
-            if not SETTINGS.exists():
-                SETTINGS.write_text(json.dumps(standin_settings(info), indent=2) + "\n")
-                print(f"wrote {SETTINGS.name}: the app talks to the local stand-in (no Azure tenant needed)")
+            if not settings_path.exists():
+                settings_path.write_text(json.dumps(standin_settings(info), indent=2) + "\n")
+                print(f"wrote {settings_path.name}: the app talks to the local stand-in (no Azure tenant needed)")
             print(f"stand-in seeded: contact {info['seed_contact_id']}, account {info['seed_account_id']}")
         else:
-            print(f"{SETTINGS.name} points at {json.loads(SETTINGS.read_text())['Values'].get('DYNAMICS_URL')}: "
-                  "no stand-in started (run `az login` so the app can read Key Vault)")
+            target = json.loads(settings_path.read_text())["Values"].get("DYNAMICS_URL")
+            print(f"{settings_path.name} points at {target}: no stand-in started (run `az login` so the app can "
+                  "read Key Vault)")
         print(f"""
 Try it, once the host says it is ready:
   curl -s localhost:{args.port}/api/health
@@ -160,7 +221,13 @@ Try it, once the host says it is ready:
   .venv/bin/python -m tools.queues send cases \\
        '{{"title": "From the queue", "customer": {{"email": "ada@example.com"}}}}'
   curl -s localhost:{args.port}/api/diagnostics
-""")
+""", flush=True)
+        if args.stack_only:
+            values = json.loads(settings_path.read_text())["Values"]
+            os.environ.update(values)  # as func does: the settings file wins over the shell's environment
+            print(f"settings ({settings_path.name}): " + ", ".join(
+                f"{k}={v}" for k, v in values.items() if "SECRET" not in k and "AccountKey" not in v), flush=True)
+            return serve_stack_only(args.port, args.seconds)
         host = subprocess.Popen([func, "start", "--port", str(args.port)], cwd=ROOT, env=func_env())
         procs.append(host)
         try:

@@ -16,7 +16,7 @@ from shared.intake import HEADER_KEY_SOURCE
 from shared.validation import Event, idempotency_key, parse_case, parse_json, parse_lead
 
 log = logging.getLogger("intake.http")
-bp = func.Blueprint()
+http_bp = func.Blueprint()
 
 HTTP_BUDGET = 15.0  # seconds a caller on the line may wait for the whole call: secret, token, lookups, waits
 _JSON = "application/json"
@@ -56,11 +56,11 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
     return func.HttpResponse(json.dumps(body), status_code=201 if outcome.created else 200, mimetype=_JSON)
 
 
-@bp.route(route="cases", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@http_bp.route(route="cases", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def create_case(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     return _handle(req, context, parse_case)
 
 
-@bp.route(route="leads", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@http_bp.route(route="leads", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def create_lead(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     return _handle(req, context, parse_lead)

@@ -20,7 +20,7 @@ from shared.errors import IntakeError
 from shared.validation import Event, parse_case, parse_json, parse_lead
 
 log = logging.getLogger("intake.queue")
-bp = func.Blueprint()
+queue_bp = func.Blueprint()
 
 QUEUE_BUDGET = 60.0  # seconds a message may spend in all (well under functionTimeout) before it is retried later
 KEY_SOURCE = "queue-message"  # namespaces message ids, so they never collide with an externalId
@@ -62,13 +62,13 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
              outcome.request_id or "-", (time.perf_counter() - started) * 1000)
 
 
-@bp.queue_trigger(arg_name="msg", queue_name="cases", connection="AzureWebJobsStorage")
-@bp.queue_output(arg_name="rejected", queue_name="cases-rejected", connection="AzureWebJobsStorage")
+@queue_bp.queue_trigger(arg_name="msg", queue_name="cases", connection="AzureWebJobsStorage")
+@queue_bp.queue_output(arg_name="rejected", queue_name="cases-rejected", connection="AzureWebJobsStorage")
 def cases_queue(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context) -> None:
     _process(msg, rejected, context, "cases", parse_case)
 
 
-@bp.queue_trigger(arg_name="msg", queue_name="leads", connection="AzureWebJobsStorage")
-@bp.queue_output(arg_name="rejected", queue_name="leads-rejected", connection="AzureWebJobsStorage")
+@queue_bp.queue_trigger(arg_name="msg", queue_name="leads", connection="AzureWebJobsStorage")
+@queue_bp.queue_output(arg_name="rejected", queue_name="leads-rejected", connection="AzureWebJobsStorage")
 def leads_queue(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context) -> None:
     _process(msg, rejected, context, "leads", parse_lead)

@@ -1,10 +1,11 @@
-"""The HTTP functions behind a real socket on 127.0.0.1, as the Functions host routes them.
+"""The HTTP functions behind a real socket on 127.0.0.1, routed as the Functions host routes them.
 
-Like the host, it answers 401 with an empty body to a request for a FUNCTION- or ADMIN-level route
-without the right x-functions-key (here FUNCTION_KEY, or ADMIN_KEY for admin routes).
-
-For tools that speak HTTP (schemathesis, the Genesys and README examples): each request becomes a
-func.HttpRequest handed to the function's own entry point, and its func.HttpResponse goes back whole.
+Not the Functions host (no bindings, no queue triggers): a stand-in for tools that speak HTTP
+(schemathesis in the tests, curl in `run-local.sh --stack-only` where `func` cannot be installed).
+Each request becomes a func.HttpRequest handed to the function's own entry point, and its
+func.HttpResponse goes back whole. With `keys=True`, like the host in Azure, it answers 401 with an
+empty body to a FUNCTION- or ADMIN-level route without the right x-functions-key (FUNCTION_KEY, or
+ADMIN_KEY for admin routes); without, like `func start` locally, it checks none.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ROUTES: dict[tuple[str, str], Any] = {
 
 
 class _Handler(BaseHTTPRequestHandler):
+    check_keys = True
+
     def _serve(self) -> None:
         path = self.path.split("?", 1)[0]
         fn = ROUTES.get((self.command, path))
@@ -41,7 +44,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         level = str(getattr(fn.build().get_trigger().auth_level, "value", "")).lower()
         allowed = {"anonymous": None, "function": {FUNCTION_KEY, ADMIN_KEY}, "admin": {ADMIN_KEY}}.get(level, set())
-        if allowed is not None and self.headers.get("x-functions-key") not in allowed:
+        if self.check_keys and allowed is not None and self.headers.get("x-functions-key") not in allowed:
             self.send_response(401)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -70,9 +73,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve() -> Iterator[str]:
-    """Serve the functions on an ephemeral port; yields the base URL (http://127.0.0.1:<port>/api)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+def serve(port: int = 0, *, keys: bool = True) -> Iterator[str]:
+    """Serve the functions (port 0: any free one); yields the base URL (http://127.0.0.1:<port>/api)."""
+    handler = type("Handler", (_Handler,), {"check_keys": keys})
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
