@@ -25,20 +25,31 @@ param principalId string = ''
 
 // The settings the app reads (shared/settings.py, SETTINGS). Each required one is fed from the azd
 // environment variable of the same name, see main.parameters.json.
+@allowed([
+  ''
+  'secret'
+  'certificate'
+  'federated'
+  'managed_identity'
+])
+@description('DYNAMICS_AUTH: how the app proves itself to Dataverse (secret, certificate, federated, managed_identity); empty means secret.')
+param dynamicsAuth string = ''
+
 @minLength(1)
 @description('DYNAMICS_URL: the Dataverse environment URL, e.g. https://contoso.crm.dynamics.com')
 param dynamicsUrl string
 
-@minLength(1)
-@description('DYNAMICS_TENANT_ID: Directory (tenant) ID of the Dynamics app registration.')
-param dynamicsTenantId string
+@description('DYNAMICS_TENANT_ID: Directory (tenant) ID of the Dynamics app registration (not used with managed_identity).')
+param dynamicsTenantId string = ''
 
-@minLength(1)
-@description('DYNAMICS_CLIENT_ID: Application (client) ID of the Dynamics app registration.')
-param dynamicsClientId string
+@description('DYNAMICS_CLIENT_ID: Application (client) ID of the Dynamics app registration (not used with managed_identity).')
+param dynamicsClientId string = ''
 
 @description('DYNAMICS_CLIENT_SECRET_NAME: name of the vault secret holding the client secret; empty means the default.')
 param dynamicsClientSecretName string = ''
+
+@description('DYNAMICS_CLIENT_CERTIFICATE_NAME: name of the vault certificate (certificate mode); empty means the default.')
+param dynamicsClientCertificateName string = ''
 
 @description('DYNAMICS_API_VERSION: Dataverse Web API version; empty means the default.')
 param dynamicsApiVersion string = ''
@@ -52,7 +63,11 @@ param dynamicsClientSecret string = ''
 
 // An empty value means the default, as it does in the app (shared/settings.py, same defaults): azd leaves
 // an unset variable empty, and so may `az deployment sub create -p main.parameters.json` or a pipeline.
+var auth = empty(dynamicsAuth) ? 'secret' : dynamicsAuth
+// Key Vault is read in the secret and certificate modes only; the managed-identity modes need no vault role.
+var usesVault = (auth == 'secret') || (auth == 'certificate')
 var clientSecretName = empty(dynamicsClientSecretName) ? 'dynamics-client-secret' : dynamicsClientSecretName
+var certificateName = empty(dynamicsClientCertificateName) ? 'dynamics-client-certificate' : dynamicsClientCertificateName
 var apiVersion = empty(dynamicsApiVersion) ? 'v9.2' : dynamicsApiVersion
 var authorityHost = empty(azureAuthorityHost) ? environment().authentication.loginEndpoint : azureAuthorityHost
 
@@ -121,6 +136,7 @@ module keyVault 'modules/keyvault.bicep' = {
     location: location
     tags: tags
     principalId: identity.outputs.principalId
+    grantApp: usesVault
     deployerPrincipalId: principalId
     secretName: clientSecretName
     secretValue: dynamicsClientSecret
@@ -141,11 +157,14 @@ module functionApp 'modules/functionapp.bicep' = {
     storageQueueEndpoint: storage.outputs.queueEndpoint
     deploymentContainerName: storage.outputs.deploymentContainerName
     appInsightsConnectionString: monitoring.outputs.connectionString
+    dynamicsAuth: auth
     dynamicsUrl: dynamicsUrl
-    dynamicsTenantId: dynamicsTenantId
-    dynamicsClientId: dynamicsClientId
-    keyVaultUrl: keyVault.outputs.url
-    dynamicsClientSecretName: clientSecretName
+    // A setting a mode does not use must be empty: the app refuses one that is set (config_invalid).
+    dynamicsTenantId: (auth == 'managed_identity') ? '' : dynamicsTenantId
+    dynamicsClientId: (auth == 'managed_identity') ? '' : dynamicsClientId
+    keyVaultUrl: usesVault ? keyVault.outputs.url : ''
+    dynamicsClientSecretName: (auth == 'secret') ? clientSecretName : ''
+    dynamicsClientCertificateName: (auth == 'certificate') ? certificateName : ''
     dynamicsApiVersion: apiVersion
     azureAuthorityHost: authorityHost
   }
@@ -160,3 +179,5 @@ output AZURE_FUNCTION_APP_URL string = functionApp.outputs.url
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_KEY_VAULT_URI string = keyVault.outputs.vaultUri
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId

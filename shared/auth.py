@@ -36,16 +36,24 @@ _AADSTS = {
     500011: "dynamics_url_wrong_scope",
     90024: "entra_unavailable",
     90055: "entra_unavailable",
+    700027: "entra_certificate_not_registered",
+    700024: "entra_certificate_expired",
+    70021: "entra_federation_mismatch",
 }
-_SECRET_CODES = {"entra_invalid_secret", "entra_secret_expired"}
 
 
-class Secrets(Protocol):
-    """Where the client secret comes from (the vault, or a value diagnostics pinned)."""
+class Proof(Protocol):
+    """How the app proves itself to Entra ID in one DYNAMICS_AUTH mode (shared.credentials)."""
 
-    def get(self) -> str: ...
+    rotation_codes: frozenset[str]  # Entra ID answers after which the proof is read again once
 
-    def refresh(self, rejected: str) -> str: ...
+    def credential(self) -> Any:
+        """A fresh azure-identity credential for one acquisition (no lower cache survives a rejection)."""
+        ...
+
+    def reload(self) -> bool:
+        """Read the proof again after Entra ID rejected it; True when something new was read."""
+        ...
 
 
 class TokenSource(Protocol):
@@ -98,7 +106,10 @@ def _entra_answer(exc: Exception) -> dict:
 def entra_error(exc: Exception, settings: Settings) -> IntakeError:
     """Classify a failed token request by its AADSTS number, never by the description text."""
     from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+    from azure.identity import CredentialUnavailableError
 
+    if isinstance(exc, IntakeError):  # already classified (a proof's own failure, e.g. the vault's)
+        return exc
     fix = settings.fix_args()
     body = _entra_answer(exc)
     response = getattr(exc, "response", None)
@@ -110,6 +121,11 @@ def entra_error(exc: Exception, settings: Settings) -> IntakeError:
             code = _AADSTS[number]
             return IntakeError(code, f"Entra ID answered AADSTS{number}. {ids}".strip(),
                                request_id=request_id, upstream_code=f"AADSTS{number}", fix_args=fix)
+    if settings.auth == "managed_identity" or isinstance(exc, CredentialUnavailableError) or \
+            "ManagedIdentityCredential" in str(exc):
+        # The managed identity endpoint: unreachable, no identity assigned, or it refused (no Entra ID answer).
+        return IntakeError("managed_identity_unavailable", "The managed identity endpoint could not issue a token "
+                           f"({type(exc).__name__}).", retry_after=5.0, fix_args=fix)
     if body.get("error") == "temporarily_unavailable" or (response is not None and response.status_code >= 500):
         return IntakeError("entra_unavailable", f"Entra ID is temporarily unavailable. {ids}".strip(),
                            request_id=request_id, fix_args=fix)
@@ -132,10 +148,10 @@ def entra_error(exc: Exception, settings: Settings) -> IntakeError:
 class TokenProvider:
     """Caches the Dataverse token for every thread of the instance."""
 
-    def __init__(self, settings: Settings, secrets: Secrets, *, margin: float = REFRESH_MARGIN,
+    def __init__(self, settings: Settings, proof: Proof, *, margin: float = REFRESH_MARGIN,
                  clock: Callable[[], float] = time.time, backoff: float = FAILURE_BACKOFF) -> None:
         self._settings = settings
-        self._secrets = secrets
+        self._proof = proof
         self._margin = margin
         self._clock = clock
         self._flights: Flights[Token] = Flights("token", backoff)
@@ -145,22 +161,10 @@ class TokenProvider:
     def acquisitions(self) -> int:
         return self._flights.attempts
 
-    def _credential(self, secret: str) -> Any:
-        """A new credential per acquisition, so no lower cache can hand back a token Dataverse rejected."""
-        from azure.identity import ClientSecretCredential
-
-        s = self._settings
-        kwargs: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 10, "retry_total": 2}
-        if s.authority_host:
-            kwargs["authority"] = s.authority_host
-        if not s.is_public_authority:
-            kwargs["disable_instance_discovery"] = True
-        return ClientSecretCredential(s.tenant_id, s.client_id, secret, **kwargs)
-
-    def _request(self, secret: str) -> Token:
+    def _request(self) -> Token:
         now = self._clock()
         try:
-            access = self._credential(secret).get_token(self._settings.scope)
+            access = self._proof.credential().get_token(self._settings.scope)
         except Exception as exc:  # azure-identity raises ClientAuthenticationError and azure-core errors
             raise entra_error(exc, self._settings) from None
         lifetime = max(access.expires_on - now, 0.0)
@@ -170,22 +174,20 @@ class TokenProvider:
     def _acquire(self, rejected: str | None) -> Token:
         """Runs in the flight's thread: a token, unless one newer than `rejected` arrived meanwhile.
 
-        If Entra ID says the secret is wrong or expired, the vault is read once more.
+        If Entra ID rejects the proof (a rotated secret or certificate), the vault is read once more.
         """
         current = self._token
         if current is not None and current.value != rejected and self._clock() < current.refresh_on:
             return current
-        secret = self._secrets.get()
         try:
-            token = self._request(secret)
+            token = self._request()
         except IntakeError as err:
-            if err.code not in _SECRET_CODES:
+            if err.code not in self._proof.rotation_codes:
                 raise
-            log.warning("entra rejected the client secret (%s); re-reading key vault once", err.code)
-            fresh = self._secrets.refresh(secret)
-            if fresh == secret:
+            log.warning("entra rejected the app's proof (%s); reading it again once", err.code)
+            if not self._proof.reload():
                 raise
-            token = self._request(fresh)
+            token = self._request()
         self._token = token
         log.info("dataverse token acquired: expires_in=%.0fs", token.expires_on - self._clock())
         return token

@@ -127,6 +127,8 @@ class DataverseClient:
         status = resp.status_code
         if status == 403:
             ours = _FORBIDDEN.get(code, "dynamics_error")
+            if ours == "dynamics_app_user_missing" and self._settings.auth == "managed_identity":
+                ours = "managed_identity_not_app_user"
             return IntakeError(ours, f"Dataverse answered 403 {code}: {message}", request_id=rid,
                                upstream_code=code or None, fix_args=fix)
         if status in (400, 404) and code and code != "0x80060888":

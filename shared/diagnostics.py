@@ -1,6 +1,7 @@
 """Diagnostics: walk the whole chain step by step and name the exact cause and fix of a failure.
 
-Steps: settings -> Key Vault secret -> Entra ID token -> WhoAmI -> privileges. A failed step marks
+Steps: settings -> Key Vault (the secret or the certificate; no such step where DYNAMICS_AUTH uses no
+vault) -> Entra ID token -> WhoAmI -> privileges. A failed step marks
 the later ones skipped. Codes and fixes come from the one table in `shared.errors`. A report is kept
 for CACHE_SECONDS and concurrent probes share one run, so a monitor polling it cannot hammer Entra
 ID, Key Vault and Dataverse. It says what an operator needs to act and no more: no ids, no secret
@@ -18,6 +19,7 @@ from typing import Any
 
 from shared import settings as settings_mod
 from shared.auth import TokenProvider
+from shared.credentials import certificate_pem, proof_for
 from shared.dataverse import DataverseClient
 from shared.errors import IntakeError
 from shared.secrets import SecretSource, VaultSecret
@@ -28,7 +30,7 @@ PRIVILEGES = ("prvCreateIncident", "prvReadIncident", "prvAppendIncident", "prvC
               "prvCreateContact", "prvReadContact", "prvAppendToContact", "prvAppendToAccount", "prvReadAccount")
 EXPIRY_WARNING_DAYS = 30
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-STEPS = ("settings", "keyvault", "token", "whoami", "privileges")
+STEPS = ("settings", "keyvault", "token", "whoami", "privileges")  # without "keyvault" where no vault is used
 CACHE_SECONDS = 30.0
 _cache_lock = threading.Lock()
 _cached: tuple[float, dict[str, Any]] | None = None
@@ -79,31 +81,40 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     def keyvault_step() -> dict:
         s: Settings = state["settings"]
         t = clock()
-        secret: VaultSecret = (secrets or SecretSource(s)).read()
+        kind = "certificate" if s.auth == "certificate" else "secret"
+        secret: VaultSecret = (secrets or SecretSource(s, kind)).read()
         ms = (clock() - t) * 1000
-        state["secret"] = secret.value
+        state["secret"] = secret
+        name = s.certificate_name if kind == "certificate" else s.secret_name
         if not secret.value:
-            raise IntakeError("keyvault_secret_missing", f"The vault secret {s.secret_name!r} is empty.",
-                              fix_args=s.fix_args())
-        detail = f"secret {s.secret_name!r} readable and enabled"
-        if secret.expires_on is not None:
-            days = (secret.expires_on - now()).total_seconds() / 86400
-            detail += f", vault expiry {secret.expires_on.date().isoformat()}"
+            raise IntakeError("keyvault_secret_missing", f"The vault secret {name!r} is empty.", fix_args=s.fix_args())
+        expires_on = secret.expires_on
+        if kind == "certificate":
+            _, expires_on = certificate_pem(secret, s, now())
+            detail = f"certificate {name!r} readable, with its private key"
+            warn_code, fix = "keyvault_certificate_expiring", (
+                f"Add a new version of the vault certificate {name} and upload its public part to the app "
+                "registration before it expires.")
+        else:
+            detail = f"secret {name!r} readable and enabled"
+            warn_code, fix = "keyvault_secret_expiring", (
+                f"Create a new client secret in Entra ID and store it as a new version of {name} before it expires.")
+        if expires_on is not None:
+            days = (expires_on - now()).total_seconds() / 86400
+            detail += f", expires {expires_on.date().isoformat()}"
             if days < EXPIRY_WARNING_DAYS:
-                return _step("keyvault", True, ms, "keyvault_secret_expiring",
-                             f"{detail}: {max(days, 0):.0f} days left",
-                             "Create a new client secret in Entra ID and store it as a new version of "
-                             f"{s.secret_name} before it expires.", warning=True)
+                return _step("keyvault", True, ms, warn_code, f"{detail}: {max(days, 0):.0f} days left", fix,
+                             warning=True)
         return _step("keyvault", True, ms, detail=detail)
 
     def token_step() -> dict:
         s: Settings = state["settings"]
         t = clock()
-        provider = TokenProvider(s, _Pinned(state["secret"]))
+        provider = TokenProvider(s, proof_for(s, _Pinned(state["secret"]) if "secret" in state else None))
         try:
             state["token"] = _FixedToken(provider, provider.token())
         except IntakeError as err:
-            if err.code == "entra_invalid_secret" and _GUID.match(state["secret"]):
+            if err.code == "entra_invalid_secret" and _GUID.match(state["secret"].value):
                 err.detail += " The vault holds a GUID: that is the secret's ID, not its Value."
             raise
         return _step("token", True, (clock() - t) * 1000, detail="Entra ID issued a token for the environment")
@@ -136,8 +147,11 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
 
     failed = False
     try:
-        runners = (settings_step, keyvault_step, token_step, whoami_step, privileges_step)
-        for name, fn in zip(STEPS, runners, strict=True):
+        runners = dict(zip(STEPS, (settings_step, keyvault_step, token_step, whoami_step, privileges_step),
+                           strict=True))
+        for name, fn in runners.items():
+            if name == "keyvault" and "settings" in state and not state["settings"].uses_vault:
+                continue  # this mode reads no vault: no step to show
             if failed:
                 skipped = _step(name, False, 0.0, "skipped", "An earlier step failed.")
                 skipped["status"] = "skipped"
@@ -176,13 +190,16 @@ def forget() -> None:
 
 
 class _Pinned:
-    """A SecretSource stand-in holding the value the keyvault step just read (no second vault read)."""
+    """A vault reader holding what the keyvault step just read (no second vault read)."""
 
-    def __init__(self, value: str) -> None:
-        self.value = value
+    def __init__(self, secret: VaultSecret) -> None:
+        self._secret = secret
+
+    def secret(self) -> VaultSecret:
+        return self._secret
 
     def get(self) -> str:
-        return self.value
+        return self._secret.value
 
     def refresh(self, rejected: str) -> str:
-        return self.value
+        return self._secret.value

@@ -58,6 +58,15 @@ CODES: dict[str, Code] = {
         "or set DYNAMICS_CLIENT_SECRET_NAME to the secret's name."),
     "keyvault_secret_disabled": Code(502, "The client secret in the vault is disabled.",
                                      "Enable the secret {secret_name} in the vault, or add a new enabled version."),
+    "keyvault_certificate_missing": Code(
+        502, "The vault has no certificate named by DYNAMICS_CLIENT_CERTIFICATE_NAME (DYNAMICS_AUTH=certificate).",
+        "Import the app registration's certificate, with its private key, into the vault as the certificate "
+        "{certificate_name}, or set DYNAMICS_CLIENT_CERTIFICATE_NAME to its name."),
+    "keyvault_certificate_unusable": Code(
+        502, "The vault certificate's secret holds no usable private key (not PEM or PKCS#12, or a key that is not "
+             "exportable).",
+        "Import the certificate {certificate_name} with an exportable private key (Key Vault's default policy), as "
+        "PFX without a password or as PEM; an HSM-only key cannot sign for this app."),
     # Entra ID.
     "entra_invalid_secret": Code(
         502, "Entra ID rejected the client secret (AADSTS7000215).",
@@ -78,6 +87,24 @@ CODES: dict[str, Code] = {
         502, "Entra ID knows no resource at DYNAMICS_URL (AADSTS500011).",
         "Set DYNAMICS_URL to the environment URL from the Power Platform admin center, "
         "e.g. https://contoso.crm.dynamics.com (not the api. host, no path)."),
+    "entra_certificate_not_registered": Code(
+        502, "Entra ID found no certificate on the app registration matching the one the app signed with "
+             "(AADSTS700027).",
+        "Upload the certificate's public part (.cer) in App registrations > {client_id} > Certificates & secrets > "
+        "Certificates. After a rotation in the vault, upload the new certificate before the old one is removed."),
+    "entra_certificate_expired": Code(
+        502, "The certificate has expired, or the signed assertion is outside its valid time (AADSTS700024).",
+        "Add a new version of the vault certificate {certificate_name} and upload its public part to the app "
+        "registration; no restart is needed. If the certificate is still valid, check the host's clock."),
+    "entra_federation_mismatch": Code(
+        502, "No federated credential on the app registration matches the managed identity's token (AADSTS70021).",
+        "App registrations > {client_id} > Certificates & secrets > Federated credentials: add one with issuer "
+        "https://login.microsoftonline.com/<tenant>/v2.0, subject = the user-assigned identity's object (principal) "
+        "id, audience api://AzureADTokenExchange (README, Deploy)."),
+    "managed_identity_unavailable": Code(
+        503, "The Function App's managed identity endpoint did not answer, or knows no such identity.",
+        "In Azure: give the Function App the managed identity (user-assigned: set AZURE_CLIENT_ID to its client id). "
+        "If it is assigned, this is an outage: retried automatically."),
     "entra_unavailable": Code(503, "Entra ID is unreachable or answered a transient error.",
                               "Nothing to change: retried automatically. Check outbound network if it persists."),
     "entra_error": Code(502, "Entra ID refused the token request.",
@@ -91,6 +118,11 @@ CODES: dict[str, Code] = {
         502, "The app registration has no application user in this environment (0x80072560).",
         "Power Platform admin center > Environments > {environment} > Settings > Application users: "
         "add the app {client_id} and give it the intake security role."),
+    "managed_identity_not_app_user": Code(
+        502, "The managed identity is not an application user in this environment (0x80072560, "
+             "DYNAMICS_AUTH=managed_identity).",
+        "Power Platform admin center > Environments > {environment} > Settings > Application users > New app user: "
+        "add the managed identity's application (client) id {client_id} and give it the intake security role."),
     "dynamics_app_user_disabled": Code(
         502, "The application user is disabled (0x80040225).",
         "Power Platform admin center > Application users: activate the application user for {client_id}."),

@@ -12,9 +12,9 @@ from typing import Any
 
 from shared import settings as settings_mod
 from shared.auth import TokenProvider
+from shared.credentials import proof_for
 from shared.dataverse import DataverseClient
 from shared.intake import Intake
-from shared.secrets import SecretSource
 
 _lock = threading.Lock()
 _intake: Intake | None = None
@@ -30,7 +30,7 @@ def intake() -> Intake:
     with _lock:
         if _intake is None:
             s = settings_mod.load()
-            tokens = TokenProvider(s, SecretSource(s))
+            tokens = TokenProvider(s, proof_for(s))
             _intake = Intake(DataverseClient(s, tokens, **_options))
         return _intake
 

@@ -1,4 +1,5 @@
-"""The Dynamics client secret, read from Key Vault once per instance and kept in memory.
+"""A Key Vault secret (the Dynamics client secret, or the secret behind a certificate), read once per
+instance and kept in memory.
 
 The Azure SDKs are imported on first use: importing them costs more than the rest of the app, and
 the health route and function indexing never need them.
@@ -24,12 +25,13 @@ class VaultSecret:
     version: str | None
     enabled: bool
     expires_on: datetime | None
+    content_type: str | None = None
 
     def __repr__(self) -> str:  # never let the value reach a log through repr()
         return f"VaultSecret(version={self.version!r}, enabled={self.enabled}, expires_on={self.expires_on})"
 
 
-def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
+def _keyvault_error(exc: Exception, settings: Settings, kind: str = "secret") -> IntakeError:
     """Map an azure-core exception from SecretClient to a stable code."""
     from azure.core.exceptions import (
         ClientAuthenticationError,
@@ -46,6 +48,9 @@ def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
                            "challenge for another resource, which does not match the vault's host: no token was "
                            "sent. Check that KEY_VAULT_URL is the vault's URI.", fix_args=fix)
     if isinstance(exc, ResourceNotFoundError):
+        if kind == "certificate":
+            return IntakeError("keyvault_certificate_missing", "The vault has no certificate named "
+                               f"{settings.certificate_name!r}.", fix_args=fix)
         return IntakeError("keyvault_secret_missing", f"The vault has no secret named {settings.secret_name!r}.",
                            fix_args=fix)
     if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
@@ -79,10 +84,15 @@ def _keyvault_error(exc: Exception, settings: Settings) -> IntakeError:
 
 
 class SecretSource:
-    """Reads the secret once, and again only when asked (after Entra ID rejected the one held)."""
+    """Reads the secret once, and again only when asked (after Entra ID rejected the one held).
 
-    def __init__(self, settings: Settings) -> None:
+    `kind` "certificate" reads the secret behind the Key Vault certificate DYNAMICS_CLIENT_CERTIFICATE_NAME.
+    """
+
+    def __init__(self, settings: Settings, kind: str = "secret") -> None:
         self._settings = settings
+        self._kind = kind
+        self._name = settings.certificate_name if kind == "certificate" else settings.secret_name
         self._client: Any = None
         self._secret: VaultSecret | None = None
         self._lock = threading.Lock()
@@ -106,25 +116,28 @@ class SecretSource:
     def read(self) -> VaultSecret:
         """One read from the vault, classified; used by the diagnostics step as well."""
         try:
-            secret = self._secret_client().get_secret(self._settings.secret_name)
+            secret = self._secret_client().get_secret(self._name)
         except Exception as exc:  # azure-core raises a family of exceptions; classify them all
-            err = _keyvault_error(exc, self._settings)
+            err = _keyvault_error(exc, self._settings, self._kind)
             log.warning("key vault read failed: code=%s", err.code)
             raise err from None
         props = secret.properties
         value = secret.value or ""
         return VaultSecret(value=value, version=props.version, enabled=bool(props.enabled),
-                           expires_on=props.expires_on)
+                           expires_on=props.expires_on, content_type=props.content_type)
 
-    def get(self) -> str:
+    def secret(self) -> VaultSecret:
         """The secret held by this instance, read on first use."""
         held = self._secret
         if held is not None:
-            return held.value
+            return held
         with self._lock:
             if self._secret is None:
                 self._secret = self.read()
-            return self._secret.value
+            return self._secret
+
+    def get(self) -> str:
+        return self.secret().value
 
     def refresh(self, rejected: str) -> str:
         """Read the vault again unless another thread already replaced the rejected value."""
@@ -132,5 +145,5 @@ class SecretSource:
             if self._secret is not None and self._secret.value != rejected:
                 return self._secret.value
             self._secret = self.read()
-            log.info("client secret re-read from key vault: version=%s", self._secret.version)
+            log.info("%s re-read from key vault", self._kind)
             return self._secret.value

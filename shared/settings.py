@@ -19,21 +19,33 @@ _SECRET_NAME = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
 _API_VERSION = re.compile(r"^v\d+\.\d+$")
 
 
+AUTH_MODES = ("secret", "certificate", "federated", "managed_identity")
+_APP = ("secret", "certificate", "federated")  # the modes that sign in as the Dynamics app registration
+_VAULT = ("secret", "certificate")  # the modes that read Key Vault
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
-    required: bool
+    required: bool  # within the modes that use it
     default: str | None
     meaning: str
+    modes: tuple[str, ...] = AUTH_MODES  # the DYNAMICS_AUTH modes that read it; set under another: config_invalid
 
 
 # The settings the code reads. The deployment template's app settings are checked against this list.
 SETTINGS: tuple[Setting, ...] = (
+    Setting("DYNAMICS_AUTH", False, "secret", "how the app proves itself to Dataverse: " + ", ".join(AUTH_MODES)),
     Setting("DYNAMICS_URL", True, None, "https://<org>.crm.dynamics.com, the Dataverse environment URL"),
-    Setting("DYNAMICS_TENANT_ID", True, None, "Directory (tenant) ID of the Dynamics app registration"),
-    Setting("DYNAMICS_CLIENT_ID", True, None, "Application (client) ID of the Dynamics app registration"),
-    Setting("KEY_VAULT_URL", True, None, "https://<vault>.vault.azure.net, the vault holding the client secret"),
-    Setting("DYNAMICS_CLIENT_SECRET_NAME", False, "dynamics-client-secret", "name of the secret in the vault"),
+    Setting("DYNAMICS_TENANT_ID", True, None, "Directory (tenant) ID of the Dynamics app registration", _APP),
+    Setting("DYNAMICS_CLIENT_ID", True, None, "Application (client) ID of the Dynamics app registration", _APP),
+    Setting("KEY_VAULT_URL", True, None, "https://<vault>.vault.azure.net, the vault holding the client secret or "
+                                         "certificate", _VAULT),
+    Setting("DYNAMICS_CLIENT_SECRET_NAME", False, "dynamics-client-secret", "name of the secret in the vault",
+            ("secret",)),
+    Setting("DYNAMICS_CLIENT_CERTIFICATE_NAME", False, "dynamics-client-certificate",
+            "name of the Key Vault certificate (its private key is read through the secret of that name)",
+            ("certificate",)),
     Setting("DYNAMICS_API_VERSION", False, "v9.2", "Dataverse Web API version"),
     Setting("AZURE_AUTHORITY_HOST", False, None, "Entra ID authority host; default Microsoft's public cloud"),
 )
@@ -48,6 +60,9 @@ class Settings:
     secret_name: str
     api_version: str
     authority_host: str | None
+    auth: str = "secret"
+    certificate_name: str = "dynamics-client-certificate"
+    identity_client_id: str | None = None  # AZURE_CLIENT_ID: the user-assigned managed identity, if any
 
     @property
     def api_base(self) -> str:
@@ -58,6 +73,10 @@ class Settings:
         return f"{self.dynamics_url}/.default"
 
     @property
+    def uses_vault(self) -> bool:
+        return self.auth in _VAULT
+
+    @property
     def is_public_authority(self) -> bool:
         """MSAL's instance discovery only makes sense against Microsoft's own login hosts."""
         host = urlsplit(self.authority_host or "https://login.microsoftonline.com").hostname or ""
@@ -66,7 +85,9 @@ class Settings:
 
     def fix_args(self) -> dict[str, str]:
         """Values the operator-facing fix texts may name (never a secret)."""
-        return {"secret_name": self.secret_name, "client_id": self.client_id,
+        client = self.client_id if self.auth != "managed_identity" else (
+            self.identity_client_id or "of the Function App's system-assigned managed identity")
+        return {"secret_name": self.secret_name, "certificate_name": self.certificate_name, "client_id": client,
                 "environment": urlsplit(self.dynamics_url).hostname or self.dynamics_url}
 
 
@@ -83,19 +104,36 @@ def _https_origin(name: str, value: str, problems: list[dict]) -> str:
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting, reporting all problems at once."""
     env = os.environ if environ is None else environ
-    raw = {s.name: (env.get(s.name) or "").strip() or s.default for s in SETTINGS}
+    given = {s.name: (env.get(s.name) or "").strip() for s in SETTINGS}
+    raw = {s.name: given[s.name] or s.default for s in SETTINGS}
     problems: list[dict] = []
+    auth = (raw["DYNAMICS_AUTH"] or "").lower()
+    if auth not in AUTH_MODES:
+        problems.append({"field": "DYNAMICS_AUTH", "problem": f"DYNAMICS_AUTH must be one of {', '.join(AUTH_MODES)}"})
+        auth = "secret"
     for s in SETTINGS:
-        if s.required and not raw[s.name]:
+        if auth not in s.modes:
+            if given[s.name]:
+                problems.append({"field": s.name, "problem": f"{s.name} is not used when DYNAMICS_AUTH={auth}: "
+                                                             "remove it, or choose the mode that uses it"})
+            raw[s.name] = s.default if s.default is not None else ""
+        elif s.required and not raw[s.name]:
             problems.append({"field": s.name, "problem": f"{s.name} is required ({s.meaning})"})
+    identity = (env.get("AZURE_CLIENT_ID") or "").strip() or None
+    if auth == "federated" and not identity:
+        problems.append({"field": "AZURE_CLIENT_ID", "problem": "AZURE_CLIENT_ID is required when "
+                         "DYNAMICS_AUTH=federated: the client id of the user-assigned managed identity that the app "
+                         "registration trusts (a system-assigned identity cannot be a federated credential)"})
     url = _https_origin("DYNAMICS_URL", raw["DYNAMICS_URL"], problems) if raw["DYNAMICS_URL"] else ""
     vault = _https_origin("KEY_VAULT_URL", raw["KEY_VAULT_URL"], problems) if raw["KEY_VAULT_URL"] else ""
     for name in ("DYNAMICS_TENANT_ID", "DYNAMICS_CLIENT_ID"):
         if raw[name] and not _GUID.match(raw[name]):
             problems.append({"field": name, "problem": f"{name} must be a GUID"})
-    if not _SECRET_NAME.match(raw["DYNAMICS_CLIENT_SECRET_NAME"] or ""):
-        problems.append({"field": "DYNAMICS_CLIENT_SECRET_NAME",
-                         "problem": "DYNAMICS_CLIENT_SECRET_NAME must be 1-127 letters, digits and dashes"})
+    if identity is not None and not _GUID.match(identity):
+        problems.append({"field": "AZURE_CLIENT_ID", "problem": "AZURE_CLIENT_ID must be a GUID"})
+    for name in ("DYNAMICS_CLIENT_SECRET_NAME", "DYNAMICS_CLIENT_CERTIFICATE_NAME"):
+        if not _SECRET_NAME.match(raw[name] or ""):
+            problems.append({"field": name, "problem": f"{name} must be 1-127 letters, digits and dashes"})
     if not _API_VERSION.match(raw["DYNAMICS_API_VERSION"] or ""):
         problems.append({"field": "DYNAMICS_API_VERSION", "problem": "DYNAMICS_API_VERSION must look like v9.2"})
     authority = raw["AZURE_AUTHORITY_HOST"]
@@ -103,7 +141,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         authority = _https_origin("AZURE_AUTHORITY_HOST", authority, problems)
     if problems:
         raise IntakeError("config_invalid", "; ".join(p["problem"] for p in problems), details=problems)
-    return Settings(dynamics_url=url, tenant_id=raw["DYNAMICS_TENANT_ID"].lower(),
-                    client_id=raw["DYNAMICS_CLIENT_ID"].lower(), key_vault_url=vault,
+    return Settings(dynamics_url=url, tenant_id=(raw["DYNAMICS_TENANT_ID"] or "").lower(),
+                    client_id=(raw["DYNAMICS_CLIENT_ID"] or "").lower(), key_vault_url=vault,
                     secret_name=raw["DYNAMICS_CLIENT_SECRET_NAME"], api_version=raw["DYNAMICS_API_VERSION"],
-                    authority_host=authority or None)
+                    authority_host=authority or None, auth=auth,
+                    certificate_name=raw["DYNAMICS_CLIENT_CERTIFICATE_NAME"],
+                    identity_client_id=identity.lower() if identity else None)

@@ -94,6 +94,8 @@ class Stack:
         """Everything that must never be shown: every secret value and every token issued."""
         values = [self.si.dynamics_secret, self.si.kv_secret, *self.si.issued_tokens]
         values += list(getattr(self.si, "retired_secrets", []))
+        for value in self.si.vault.all_values():  # certificates' private keys too (PEM lines, PFX base64)
+            values += [line for line in value.splitlines() if len(line) > 40 and "CERTIFICATE" not in line] or [value]
         return [v for v in values if v]
 
 

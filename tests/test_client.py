@@ -14,9 +14,9 @@ import pytest
 
 from shared import runtime
 from shared.auth import TokenProvider
+from shared.credentials import proof_for
 from shared.errors import IntakeError
 from shared.intake import record_id
-from shared.secrets import SecretSource
 from shared.settings import load
 from shared.validation import parse_case, parse_lead
 
@@ -267,7 +267,7 @@ def test_deleted_cached_contact_is_resolved_again(stack):
 def test_token_is_refreshed_before_expiry_not_after(stack):
     s = load()
     now = [time.time()]
-    tokens = TokenProvider(s, SecretSource(s), clock=lambda: now[0])
+    tokens = TokenProvider(s, proof_for(s), clock=lambda: now[0])
     first = tokens.token()
     assert tokens.token() == first
     now[0] += 3599 - 301  # outside the 5-minute window: still the cached token
@@ -288,7 +288,7 @@ def test_stale_token_is_fetched_once_by_many_threads(stack):
     si = stack.si
     si.set_latency("entra", 0.3)
     s = load()
-    tokens = TokenProvider(s, SecretSource(s))
+    tokens = TokenProvider(s, proof_for(s))
     barrier = threading.Barrier(16, timeout=20)
 
     def get(_: int) -> str:

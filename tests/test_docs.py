@@ -8,7 +8,7 @@ from pathlib import Path
 from shared.errors import CODES
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-DIAGNOSTICS_ONLY = {"keyvault_secret_expiring"}
+DIAGNOSTICS_ONLY = {"keyvault_secret_expiring", "keyvault_certificate_expiring"}
 
 
 def table_codes() -> set[str]:
@@ -31,7 +31,7 @@ def test_cause_and_fix_in_the_table_are_the_code_table_s():
     """The README's cause and fix columns say exactly what the code table says (placeholders shown as names)."""
     section = README.split("## Error codes and troubleshooting", 1)[1].split("### Patterns", 1)[0]
     names = {"secret_name": "`<DYNAMICS_CLIENT_SECRET_NAME>`", "client_id": "`<DYNAMICS_CLIENT_ID>`",
-             "environment": "your environment"}
+             "environment": "your environment", "certificate_name": "`<DYNAMICS_CLIENT_CERTIFICATE_NAME>`"}
     stale = []
     for code, spec in CODES.items():
         (row,) = [line for line in section.splitlines() if line.startswith(f"| `{code}` |")]
@@ -39,6 +39,20 @@ def test_cause_and_fix_in_the_table_are_the_code_table_s():
         if (cells[3], cells[4]) != (spec.cause, spec.fix.format(**names)):
             stale.append(code)
     assert not stale, f"README rows that differ from shared/errors.py: {stale}"
+
+
+def test_settings_table_is_the_settings_module():
+    from shared.settings import SETTINGS
+
+    section = README.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = {m[0]: m for m in re.findall(r"^\| `([A-Z_]+)` \| (yes|no)[^|]* \| ([^|]+) \|", section, flags=re.M)}
+    assert set(rows) == {s.name for s in SETTINGS}
+    for s in SETTINGS:
+        _, required, modes = rows[s.name]
+        assert (required == "yes") == s.required, s.name
+        assert modes.strip() == ("all" if len(s.modes) == 4 else ", ".join(s.modes)), s.name
+        if s.default:
+            assert f"`{s.default}`" in [line for line in section.splitlines() if f"`{s.name}`" in line][0]
 
 
 def test_quick_start_commands_exist_and_ci_calls_the_test_command():

@@ -456,9 +456,14 @@ def test_client_secret_is_optional_and_stored_under_the_name_the_app_reads() -> 
     main_param = _doc(MAIN)["parameters"]["dynamicsClientSecret"]
     assert "secure" in {d["type"] for d in main_param["decorators"]}
     assert main_param["default"] == ""
-    # The vault secret's name and DYNAMICS_CLIENT_SECRET_NAME come from the same expression.
+    # The vault secret's name and DYNAMICS_CLIENT_SECRET_NAME come from the same expression (the setting is
+    # empty in the modes that read no secret: the app refuses a setting its mode does not use).
     settings_path, _ = _app_settings()
-    assert _resolve(path, secret["name"]) == _resolve(settings_path, _setting("DYNAMICS_CLIENT_SECRET_NAME"))
+    where, setting = _resolve(settings_path, _setting("DYNAMICS_CLIENT_SECRET_NAME"))
+    branches = setting["operator"]["operands"]
+    assert branches["condition"]["operator"]["operands"] == {"operand_1": "auth", "operand_2": "secret"}
+    assert branches["false_value"] == ""
+    assert _resolve(path, secret["name"]) == _resolve(where, branches["true_value"])
     assert _main_params_reached(path, config["condition"]) == {"dynamicsClientSecret"}, \
         "the secret must be written exactly when dynamicsClientSecret is given"
 
@@ -492,3 +497,14 @@ def test_azure_yaml_service_is_the_tagged_function_app() -> None:
     fields = dict(line.strip().split(": ", 1) for line in service.splitlines())
     assert fields == {"project": ".", "language": "python", "host": "function"}
     assert _service_tag() == "api", "the site's azd-service-name tag must name the azure.yaml service"
+
+
+def test_vault_role_only_where_the_auth_mode_reads_the_vault() -> None:
+    """DYNAMICS_AUTH federated and managed_identity read no vault: the app identity gets no vault role."""
+    path, name, _ = next(r for r in _all_resources(ROLE_ASSIGNMENT_TYPE) if r[1] == "secretsUser")
+    assert _resources(path)[name]["config"]["condition"] == "grantApp"
+    (caller, params), = _callers(path)
+    where, value = _resolve(caller, params["grantApp"])
+    assert value["operator"]["type"] == "or"
+    main = _doc(MAIN)["parameters"]["dynamicsAuth"]
+    assert set(main["decorators"][0]["argument"]) == {"", "secret", "certificate", "federated", "managed_identity"}

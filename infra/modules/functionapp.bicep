@@ -15,11 +15,13 @@ param deploymentContainerName string
 param appInsightsConnectionString string
 
 // The app's own settings (shared/settings.py, SETTINGS).
+param dynamicsAuth string
 param dynamicsUrl string
 param dynamicsTenantId string
 param dynamicsClientId string
 param keyVaultUrl string
 param dynamicsClientSecretName string
+param dynamicsClientCertificateName string
 param dynamicsApiVersion string
 param azureAuthorityHost string
 
@@ -126,6 +128,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         }
         // The app's settings.
         {
+          name: 'DYNAMICS_AUTH'
+          value: dynamicsAuth
+        }
+        {
           name: 'DYNAMICS_URL'
           value: dynamicsUrl
         }
@@ -144,6 +150,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'DYNAMICS_CLIENT_SECRET_NAME'
           value: dynamicsClientSecretName
+        }
+        {
+          name: 'DYNAMICS_CLIENT_CERTIFICATE_NAME'
+          value: dynamicsClientCertificateName
         }
         {
           name: 'DYNAMICS_API_VERSION'

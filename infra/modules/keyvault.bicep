@@ -9,6 +9,9 @@ param principalId string
 @description('Object id of whoever runs the deployment; when set, it may write secrets (to store or rotate the client secret).')
 param deployerPrincipalId string = ''
 
+@description('Whether the app identity reads the vault (DYNAMICS_AUTH secret or certificate).')
+param grantApp bool = true
+
 @description('Name of the secret the app reads (DYNAMICS_CLIENT_SECRET_NAME).')
 param secretName string
 
@@ -47,7 +50,7 @@ resource clientSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empt
   }
 }
 
-resource secretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+resource secretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (grantApp) {
   name: guid(vault.id, principalId, keyVaultSecretsUserRoleId)
   scope: vault
   properties: {

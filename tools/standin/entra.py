@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, unquote
 
@@ -51,8 +53,21 @@ MESSAGES = {
     900144: "The request body must contain the following parameter: '{param}'.",
     70003: "The app requested an unsupported grant type '{grant}'.",
     90024: "A transient error has occurred. Please try again.",
+    700027: "The certificate with identifier used to sign the client assertion is not registered on application. "
+            "[Reason - The key was not found., Thumbprint of key used by client: '{thumbprint}', Found key "
+            "'Start=..., End=...'. Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see "
+            "configured keys for app Id '{client_id}'.]",
+    700024: "Client assertion is not within its valid time range. Current time: {now}, assertion valid from "
+            "{nbf}, expiry time of assertion {exp}.",
+    70021: "No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. "
+           "Assertion Subject: '{subject}'. Assertion Audience: '{audience}'.",
+    50027: "JWT token is invalid or malformed.",
     50196: "The server terminated an operation because it encountered a client request loop.",
 }
+
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,22 @@ class TokenInfo:
     audience: str
     expires_at: float
     generation: int
+
+
+@dataclass
+class Registration:
+    """What an app registration trusts besides secrets: certificates and federated credentials."""
+
+    certificates: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # sha1 hex -> (DER, not_after)
+    federated: list[tuple[str, str, str]] = field(default_factory=list)  # (issuer, subject, audience)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class Directory:
@@ -76,6 +107,34 @@ class Directory:
         self._tokens: dict[str, TokenInfo] = {}
         self._issued: list[str] = []
         self._generation = 0
+        self._registrations: dict[str, Registration] = {}
+        self.identities: dict[str, str] = {}  # managed identities: client id -> principal (object) id
+        self.identity_header = secrets.token_urlsafe(16)
+
+    def registration(self, client_id: str) -> Registration:
+        with self._lock:
+            return self._registrations.setdefault(client_id, Registration())
+
+    def register_certificate(self, client_id: str, cert_pem: str) -> str:
+        """Upload a certificate's public part to an app registration; returns its SHA-1 thumbprint (hex)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        der = cert.public_bytes(Encoding.DER)
+        thumb = hashlib.sha1(der).hexdigest()  # noqa: S324 - x5t is SHA-1 by definition
+        self.registration(client_id).certificates[thumb] = (der, cert.not_valid_after_utc.timestamp())
+        return thumb
+
+    def add_managed_identity(self, client_id: str | None = None) -> tuple[str, str]:
+        client_id = client_id or str(uuid.UUID(int=self.state.rng.getrandbits(128), version=4))
+        principal = str(uuid.UUID(int=self.state.rng.getrandbits(128), version=4))
+        with self._lock:
+            self.identities[client_id] = principal
+        return client_id, principal
+
+    def issuer(self) -> str:
+        return f"{self.state.urls['entra']}/{self.state.ids.tenant_id}/v2.0"
 
     def add_app(self, client_id: str, secret: str) -> None:
         with self._lock:
@@ -126,6 +185,11 @@ class Directory:
             if honour_revocation and info.generation < self._generation:
                 return None
             return info
+
+    def issued_to(self, audience: str) -> int:
+        """How many tokens were issued for `audience` (e.g. the Dataverse URL)."""
+        with self._lock:
+            return sum(1 for info in self._tokens.values() if info.audience == audience)
 
     def issued(self) -> list[str]:
         with self._lock:
@@ -201,6 +265,8 @@ class EntraService:
             return "openid", self._allow(m, "GET", self.openid)
         if len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "token"]:
             return "token", self._allow(m, "POST", self.token)
+        if parts == ["msi", "token"]:
+            return "msi", self._allow(m, "GET", self.managed_identity)
         if len(parts) == 4 and parts[1:] == ["discovery", "v2.0", "keys"]:
             return "keys", self._allow(m, "GET", self.keys)
         raise HttpError(json_response(404, {"error": "not_found",
@@ -294,6 +360,14 @@ class EntraService:
             return self.error(req, 400, "invalid_request", 900144, param="client_id")
         if not self.directory.has_app(client_id):
             return self.error(req, 400, "unauthorized_client", 700016, client_id=client_id, tenant=tenant)
+        assertion = form.get("client_assertion", "")
+        if assertion:
+            if form.get("client_assertion_type") != JWT_BEARER:
+                return self.error(req, 400, "invalid_request", 900144, param="client_assertion_type")
+            refused = self._check_assertion(req, tenant, client_id, assertion)
+            if refused is not None:
+                return refused
+            return self._issue(req, tenant, client_id, form)
         if not secret:
             return self.error(req, 401, "invalid_client", 7000218)
         status = self.directory.secret_status(client_id, secret)
@@ -301,6 +375,9 @@ class EntraService:
             return self.error(req, 401, "invalid_client", 7000215, client_id=client_id)
         if status == "expired":
             return self.error(req, 401, "invalid_client", 7000222, client_id=client_id)
+        return self._issue(req, tenant, client_id, form)
+
+    def _issue(self, req: Request, tenant: str, client_id: str, form: dict[str, str]) -> Response:
         scope = form.get("scope", "")
         if not scope:
             return self.error(req, 400, "invalid_request", 900144, param="scope")
@@ -314,6 +391,84 @@ class EntraService:
         token, lifetime = self.directory.issue(client_id, audience)
         return json_response(200, {"token_type": "Bearer", "expires_in": lifetime,
                                    "ext_expires_in": lifetime, "access_token": token})
+
+    def _check_assertion(self, req: Request, tenant: str, client_id: str, assertion: str) -> Response | None:
+        """A certificate-signed JWT (x5t / x5t#S256 of a registered certificate, RS256, aud = this token
+        endpoint, iss = sub = client id, nbf/exp) or a federated one (a token our managed identity endpoint
+        issued for api://AzureADTokenExchange, matching one of the app's federated credentials)."""
+        parts = assertion.split(".")
+        if len(parts) != 3:
+            return self._check_federated(req, client_id, assertion)
+        try:
+            header, claims = json.loads(_unb64url(parts[0])), json.loads(_unb64url(parts[1]))
+        except ValueError:
+            return self.error(req, 401, "invalid_client", 50027)
+        certs = self.directory.registration(client_id).certificates
+        found = None
+        sha1, sha256 = (str(header.get(k) or "").rstrip("=") for k in ("x5t", "x5t#S256"))  # padding varies
+        for thumb, (der, not_after) in certs.items():
+            if sha1 == _b64url(bytes.fromhex(thumb)) or sha256 == _b64url(hashlib.sha256(der).digest()):
+                found = (thumb, der, not_after)
+        shown = header.get("x5t#S256") or header.get("x5t") or ""
+        if found is None or header.get("alg") != "RS256":
+            return self.error(req, 401, "invalid_client", 700027, thumbprint=shown, client_id=client_id)
+        from cryptography import x509
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        try:
+            x509.load_der_x509_certificate(found[1]).public_key().verify(  # type: ignore[call-arg]
+                _unb64url(parts[2]), f"{parts[0]}.{parts[1]}".encode(), padding.PKCS1v15(), hashes.SHA256())
+        except (InvalidSignature, ValueError):
+            return self.error(req, 401, "invalid_client", 700027, thumbprint=shown, client_id=client_id)
+        now = time.time()
+        if claims.get("aud") != f"{self.base}/{tenant}/oauth2/v2.0/token" or \
+                not (claims.get("iss") == claims.get("sub") == client_id):
+            return self.error(req, 401, "invalid_client", 50027)
+        exp, nbf = float(claims.get("exp") or 0), float(claims.get("nbf") or claims.get("iat") or 0)
+        if now > exp + 300 or now < nbf - 300 or now > found[2]:  # 5 minutes of clock skew, as Entra allows
+            stamp = lambda t: datetime.fromtimestamp(t, UTC).strftime("%m/%d/%Y %H:%M:%S")  # noqa: E731
+            return self.error(req, 401, "invalid_client", 700024, now=stamp(now), nbf=stamp(nbf),
+                              exp=stamp(min(exp, found[2])))
+        return None
+
+    def _check_federated(self, req: Request, client_id: str, assertion: str) -> Response | None:
+        info = self.directory.check(assertion, EXCHANGE_AUDIENCE, honour_revocation=False)
+        if info is None:
+            return self.error(req, 401, "invalid_client", 50027)
+        issuer, subject = self.directory.issuer(), self.directory.identities.get(info.client_id, "")
+        for want in self.directory.registration(client_id).federated:
+            if want == (issuer, subject, EXCHANGE_AUDIENCE):
+                return None
+        return self.error(req, 400, "invalid_request", 70021, issuer=issuer, subject=subject,
+                          audience=EXCHANGE_AUDIENCE)
+
+    def managed_identity(self, req: Request) -> Response:
+        """The App Service / Functions identity endpoint (IDENTITY_ENDPOINT + IDENTITY_HEADER, 2019-08-01)."""
+        def fail(status: int, message: str) -> Response:
+            return json_response(status, {"statusCode": status, "message": message,
+                                          "correlationId": str(uuid.uuid4())})
+
+        if req.header("X-IDENTITY-HEADER") != self.directory.identity_header:
+            return fail(401, "The request is missing or has an invalid X-IDENTITY-HEADER.")
+        q = {k: v[-1] for k, v in req.query.items()}
+        if q.get("api-version") != "2019-08-01":
+            return fail(400, "Unsupported api-version.")
+        client_id = (q.get("client_id") or "").lower()
+        ids = self.directory.identities
+        if not client_id and len(ids) == 1:
+            client_id = next(iter(ids))  # the system-assigned identity
+        if client_id not in ids:
+            return fail(400, "No User Assigned or Delegated Managed Identity found for specified ClientId/"
+                             "ResourceId/PrincipalId.")
+        resource = (q.get("resource") or "").removesuffix("/.default")
+        audience = EXCHANGE_AUDIENCE if resource.rstrip("/") == EXCHANGE_AUDIENCE else self.audience_for(resource)
+        if audience is None:
+            return fail(400, f"AADSTS500011: The resource principal named {resource} was not found in the tenant.")
+        token, lifetime = self.directory.issue(client_id, audience)
+        return json_response(200, {"access_token": token, "expires_on": str(int(time.time()) + lifetime),
+                                   "resource": resource, "token_type": "Bearer", "client_id": client_id})
 
     def audience_for(self, resource: str) -> str | None:
         """Canonical audience for a requested resource, or None when no such resource principal exists."""

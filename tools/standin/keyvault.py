@@ -41,6 +41,11 @@ class Vault:
             self._secrets.setdefault(name.lower(), []).append(entry)
         return version
 
+    def all_values(self) -> list[str]:
+        """Every value of every version (secrets, certificates' keys): what must never be shown."""
+        with self._lock:
+            return [v["value"] for versions in self._secrets.values() for v in versions]
+
     def get(self, name: str, version: str | None = None) -> dict[str, Any] | None:
         with self._lock:
             versions = self._secrets.get(name.lower())

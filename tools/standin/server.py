@@ -287,6 +287,37 @@ class StandIn:
             raise ValueError("retire must be 'remove', 'expire' or 'keep'")
         return new
 
+    # ---- credentials other than a secret --------------------------------------------------------------
+    def register_certificate(self, cert_pem: str, client_id: str | None = None) -> str:
+        """Upload a certificate's public part to the Dynamics app registration; returns its thumbprint."""
+        return self.directory.register_certificate(client_id or self.dynamics_client_id, cert_pem)
+
+    def remove_certificate(self, thumbprint: str, client_id: str | None = None) -> None:
+        self.directory.registration(client_id or self.dynamics_client_id).certificates.pop(thumbprint, None)
+
+    def store_certificate(self, name: str, value: str, content_type: str = "application/x-pkcs12") -> str:
+        """A Key Vault certificate as the app reads it: its secret (PFX base64, or PEM with the key)."""
+        return self.vault.set(name, value, content_type=content_type)
+
+    def add_managed_identity(self, client_id: str | None = None) -> dict[str, str]:
+        """A managed identity of the Function App; its endpoint settings come from ``identity_env``."""
+        cid, principal = self.directory.add_managed_identity(client_id)
+        return {"client_id": cid, "principal_id": principal}
+
+    def add_federated_credential(self, subject: str, issuer: str | None = None,
+                                 audience: str = "api://AzureADTokenExchange") -> None:
+        """Make the Dynamics app registration trust tokens of `subject` (a managed identity's principal id)."""
+        self.directory.registration(self.dynamics_client_id).federated.append(
+            (issuer or self.directory.issuer(), subject, audience))
+
+    def set_app_user(self, client_id: str) -> None:
+        """Which client is the environment's application user (a managed identity's, in that mode)."""
+        self._user(client_id=client_id)
+
+    def identity_env(self) -> dict[str, str]:
+        """What Functions sets for its managed identity endpoint."""
+        return {"IDENTITY_ENDPOINT": f"{self.entra_url}/msi/token", "IDENTITY_HEADER": self.directory.identity_header}
+
     # ---- Key Vault controls -------------------------------------------------------------------------
     def set_secret(self, name: str, value: str, exp: float | None = None) -> str:
         """New version of a vault secret; returns the version id."""
