@@ -233,7 +233,9 @@ def report(doc: dict[str, Any]) -> str:
                        f"ms, `import azure.functions, requests` {med['libraries'] * 1000:.0f} ms, `import "
                        f"function_app` {med['function_app'] * 1000:.0f} ms -> the app adds "
                        f"{im['app_over_libraries'] * 100:+.0f} % over its two libraries "
-                       f"({im['app_import_s'] * 1000:.0f} vs {im['libraries_import_s'] * 1000:.0f} ms).")
+                       f"({im['app_import_s'] * 1000:.0f} vs {im['libraries_import_s'] * 1000:.0f} ms). With "
+                       f"telemetry configured (APPLICATIONINSIGHTS_CONNECTION_STRING set): `import function_app` "
+                       f"{med['function_app_telemetry'] * 1000:.0f} ms.")
         if fc:
             ob = fc["outbound"]
             out.append(f"- first invocation after import (median of {fc['runs']} fresh processes): import measured "

@@ -57,6 +57,9 @@ param dynamicsApiVersion string = ''
 @description('AZURE_AUTHORITY_HOST: Entra ID authority host; empty means the login endpoint of the cloud deployed to.')
 param azureAuthorityHost string = ''
 
+@description('E-mail address that receives the alerts (poison, failures by code, sustained throttling); empty: no action group.')
+param alertEmail string = ''
+
 @secure()
 @description('The app registration\'s client secret Value. Optional: when empty, no secret is written and you put it in the vault yourself.')
 param dynamicsClientSecret string = ''
@@ -112,6 +115,7 @@ module monitoring 'modules/monitoring.bicep' = {
     location: location
     tags: tags
     principalId: identity.outputs.principalId
+    alertEmail: alertEmail
   }
 }
 

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared import telemetry
 from shared.auth import TokenSource
 from shared.deadline import Deadline
 from shared.errors import IntakeError
@@ -110,6 +111,7 @@ class DataverseClient:
         if ca_bundle:
             self.session.verify = ca_bundle
         self.session.proxies = requests.utils.get_environ_proxies(self._base)
+        self.pool_size = size
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0)
         self.session.mount("https://", adapter)
 
@@ -211,6 +213,7 @@ class DataverseClient:
                 break
             failure = self._fail(resp)
             if status == 429:
+                telemetry.get().throttled(failure.upstream_code)
                 wait = failure.retry_after or 0.0
                 wait += random.uniform(0, min(1.0, wait / 4 + 0.1))  # waiters must not wake as one herd
                 if attempt + 1 < MAX_ATTEMPTS and deadline.allows(wait):

@@ -10,6 +10,7 @@ version, no URLs beyond the environment's host.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -166,9 +167,12 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     finally:
         if "client" in state:
             state["client"].close()
-    warned = any(s["status"] == "warning" for s in steps)
+    from shared import queue_health
+
+    queues = queue_health.check(os.environ if environ is None else environ)
+    warned = any(s["status"] == "warning" for s in steps) or queues["status"] in ("warning", "failed")
     status = "failed" if failed else ("degraded" if warned else "ok")
-    return {"status": status, "steps": steps}
+    return {"status": status, "steps": steps, "queues": queues}
 
 
 def cached(ttl: float = CACHE_SECONDS) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from shared import settings as settings_mod
+from shared import telemetry
 from shared.auth import TokenProvider
 from shared.credentials import proof_for
 from shared.dataverse import DataverseClient
@@ -31,7 +32,9 @@ def intake() -> Intake:
         if _intake is None:
             s = settings_mod.load()
             tokens = TokenProvider(s, proof_for(s))
-            _intake = Intake(DataverseClient(s, tokens, **_options))
+            client = DataverseClient(s, tokens, **_options)
+            telemetry.get().observe_concurrency(lambda: client.pool_size)
+            _intake = Intake(client)
         return _intake
 
 

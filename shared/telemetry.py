@@ -170,12 +170,17 @@ def configure(environ: dict[str, str] | None = None) -> bool:
     console = (env.get("INTAKE_TELEMETRY_CONSOLE") or "").strip().lower() in ("1", "true", "yes")
     if not (connection or otlp or console):
         return False
+    # The exporter logs every transmission at INFO, through azure-core: exported as a log record, each one
+    # would cause another transmission. Only warnings of the SDKs and the exporter itself are kept.
+    for name in ("azure", "opentelemetry", "urllib3", "msal"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if connection:
             from azure.monitor.opentelemetry import configure_azure_monitor
 
             # requests is instrumented below with hooks; urllib3 beneath it would record every URL whole.
-            configure_azure_monitor(connection_string=connection, logger_name="", enable_live_metrics=False,
+            configure_azure_monitor(connection_string=connection, credential=_ingestion_credential(env),
+                                    logger_name="", enable_live_metrics=False,
                                     enable_performance_counters=False,
                                     instrumentation_options={"requests": {"enabled": False},
                                                              "urllib3": {"enabled": False},
@@ -192,6 +197,18 @@ def configure(environ: dict[str, str] | None = None) -> bool:
         return False
     _current = _On()
     return True
+
+
+def _ingestion_credential(env: Any) -> Any:
+    """Application Insights with local auth off takes Entra ID tokens: APPLICATIONINSIGHTS_AUTHENTICATION_STRING
+    ("ClientId=<identity>;Authorization=AAD", set by the template) names the identity that sends them."""
+    parts = dict(p.split("=", 1) for p in (env.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") or "").split(";")
+                 if "=" in p)
+    if parts.get("Authorization", "").upper() != "AAD":
+        return None
+    from azure.identity import ManagedIdentityCredential
+
+    return ManagedIdentityCredential(client_id=parts.get("ClientId") or None)
 
 
 def _extra_span_processors(otlp: str, console: bool) -> list[Any]:

@@ -145,3 +145,48 @@ def test_diagnostics_never_echo_the_secret(stack, fault):
         value = si.dynamics_secret
     _, body = run(stack)
     assert value not in str(body)
+
+
+def test_queue_health_reads_the_depths_from_azurite_and_poison_degrades(stack, azurite, monkeypatch):
+    from tools.queues import ensure, queue_client
+
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    for q in ("cases", "cases-poison", "leads-poison", "leads-rejected"):  # fresh counts for this test
+        try:
+            queue_client(azurite.connection_string, q).clear_messages()
+        except Exception:  # the queue does not exist yet
+            pass
+    poison = ensure(queue_client(azurite.connection_string, "cases-poison"))
+    for i in range(2):
+        poison.send_message(f'{{"title": "p{i}"}}')
+    ensure(queue_client(azurite.connection_string, "leads-rejected")).send_message('{"reason": {}}')
+    ensure(queue_client(azurite.connection_string, "cases")).send_message('{"title": "waiting"}')
+    status, body, _ = stack.call(DIAG, method="GET", route="api/diagnostics")
+    assert (status, body["status"]) == (503, "degraded")
+    assert all(s["status"] == "ok" for s in body["steps"])  # the sign-in chain itself is fine
+    q = body["queues"]
+    assert (q["status"], q["code"]) == ("warning", "queue_poisoned")
+    assert "tools.queues replay cases" in q["fix"]
+    rows = {r["queue"]: r for r in q["queues"]}
+    assert (rows["cases"]["depth"], rows["cases"]["poison"], rows["leads"]["rejected"]) == (1, 2, 1)
+    assert rows["cases"]["oldestPoisonAgeSeconds"] >= 0
+    for queue in ("cases", "cases-poison", "leads-rejected"):
+        queue_client(azurite.connection_string, queue).clear_messages()
+
+
+def test_unreachable_queue_storage_is_named_and_diagnostics_still_answers(stack, monkeypatch):
+    from tests.azurite import free_port
+    from tools.queues import azurite_connection_string
+
+    monkeypatch.setenv("AzureWebJobsStorage", azurite_connection_string(queue_port=free_port()))
+    started = time.monotonic()
+    status, body, _ = stack.call(DIAG, method="GET", route="api/diagnostics")
+    assert time.monotonic() - started < 10
+    assert (status, body["status"]) == (503, "degraded")
+    assert (body["queues"]["status"], body["queues"]["code"]) == ("failed", "queue_storage_unreachable")
+    assert body["queues"]["fix"]
+
+
+def test_without_storage_settings_queue_health_is_skipped_not_failed(stack):
+    status, body, _ = stack.call(DIAG, method="GET", route="api/diagnostics")
+    assert (status, body["status"], body["queues"]["status"]) == (200, "ok", "skipped")

@@ -8,7 +8,8 @@ from pathlib import Path
 from shared.errors import CODES
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-DIAGNOSTICS_ONLY = {"keyvault_secret_expiring", "keyvault_certificate_expiring"}
+DIAGNOSTICS_ONLY = {"keyvault_secret_expiring", "keyvault_certificate_expiring", "queue_poisoned",
+                    "queue_storage_unreachable", "queue_storage_forbidden", "queue_storage_error"}
 
 
 def table_codes() -> set[str]:

@@ -63,6 +63,7 @@ PLATFORM_SETTINGS = {
     "APPLICATIONINSIGHTS_CONNECTION_STRING",  # telemetry target (no credential in it)
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",  # telemetry by Entra ID: ClientId=...;Authorization=AAD
     "AZURE_CLIENT_ID",  # DefaultAzureCredential picks the user-assigned identity (Key Vault)
+    "PYTHON_ENABLE_OPENTELEMETRY",  # the Python worker's OpenTelemetry (host.json telemetryMode)
 }
 
 # Queues the app reads (cases, leads), writes (-rejected) and the host poisons failures to (-poison).
@@ -508,3 +509,40 @@ def test_vault_role_only_where_the_auth_mode_reads_the_vault() -> None:
     assert value["operator"]["type"] == "or"
     main = _doc(MAIN)["parameters"]["dynamicsAuth"]
     assert set(main["decorators"][0]["argument"]) == {"", "secret", "certificate", "federated", "managed_identity"}
+
+
+ALERT_TYPE = "Microsoft.Insights/scheduledQueryRules"
+ACTION_GROUP_TYPE = "Microsoft.Insights/actionGroups"
+
+
+def test_alert_rules_on_poison_failures_and_throttling() -> None:
+    """Three log alerts on what the app records (shared/telemetry.py), scoped to Application Insights."""
+    from shared.telemetry import PREFIX
+
+    rules = {name: body for _, name, body in _all_resources(ALERT_TYPE)}
+    assert set(rules) == {"poisonAlert", "failuresAlert", "throttlingAlert"}
+    path = next(p for p, n, _ in _all_resources(ALERT_TYPE))
+    queries = {}
+    for name, body in rules.items():
+        props = body["properties"]
+        assert _points_to(path, props["scopes"][0], APP_INSIGHTS_TYPE, "id"), name
+        (criterion,) = props["criteria"]["allOf"]
+        queries[name] = _resolve(path, criterion["query"])[1]
+        assert criterion["metricMeasureColumn"] == "n" and criterion["operator"] == "GreaterThan"
+        assert props["actions"]["actionGroups"] == "alertActions"
+    assert f'"{PREFIX}.records"' in queries["poisonAlert"] and '"poisoned"' in queries["poisonAlert"]
+    assert "-poison" in queries["poisonAlert"]  # the host's own line when it poisons a message
+    assert '"failed"' in queries["failuresAlert"] and "by code" in queries["failuresAlert"]
+    assert f'"{PREFIX}.dataverse.throttled"' in queries["throttlingAlert"]
+    sustained = rules["throttlingAlert"]["properties"]["criteria"]["allOf"][0]["failingPeriods"]
+    assert sustained["minFailingPeriodsToAlert"] >= 3
+
+
+def test_action_group_only_with_an_alert_email() -> None:
+    path, name, body = _one(ACTION_GROUP_TYPE)
+    assert _resources(path)[name]["config"]["condition"]
+    receiver = body["properties"]["emailReceivers"][0]
+    assert receiver["emailAddress"] == "alertEmail"
+    (caller, params), = _callers(path)
+    assert _main_params_reached(caller, params["alertEmail"]) == {"alertEmail"}
+    assert _parameters_file()["alertEmail"]["value"] == "${AZURE_ALERT_EMAIL}"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import azure.functions as func
 
-from shared import runtime
+from shared import runtime, telemetry
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.intake import HEADER_KEY_SOURCE
@@ -30,28 +30,45 @@ def error_response(err: IntakeError, correlation_id: str) -> func.HttpResponse:
     return func.HttpResponse(json.dumps(body), status_code=err.status, mimetype=_JSON, headers=headers)
 
 
+def _outcome_of(err: IntakeError) -> str:
+    if err.code == "idempotency_conflict":
+        return "conflict"
+    return "rejected" if err.in_event else "failed"
+
+
 def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict], Event]) -> func.HttpResponse:
     started = time.perf_counter()
     deadline = Deadline(HTTP_BUDGET)
     invocation = context.invocation_id
     entity = "incident" if parse is parse_case else "lead"
-    try:
-        event = parse(parse_json(req.get_body()))
-        key = idempotency_key(req.headers.get("Idempotency-Key"))
-        # Header keys live in their own namespace (per source): they never meet an externalId.
-        outcome = runtime.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
-                                          budget=deadline)
-    except IntakeError as err:
-        log.warning("intake failed: invocation=%s entity=%s code=%s status=%s request_id=%s ms=%.0f",
-                    invocation, entity, err.code, err.status, err.request_id or "-",
-                    (time.perf_counter() - started) * 1000)
-        return error_response(err, invocation)
-    except Exception:
-        log.exception("intake crashed: invocation=%s entity=%s", invocation, entity)
-        return error_response(IntakeError("internal_error"), invocation)
-    log.info("intake done: invocation=%s entity=%s id=%s created=%s request_id=%s ms=%.0f",
-             invocation, outcome.entity, outcome.id, outcome.created, outcome.request_id or "-",
-             (time.perf_counter() - started) * 1000)
+    with telemetry.get().invocation("http", entity) as inv:
+        try:
+            event = parse(parse_json(req.get_body()))
+            key = idempotency_key(req.headers.get("Idempotency-Key"))
+            # Header keys live in their own namespace (per source): they never meet an externalId.
+            outcome = runtime.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
+                                              budget=deadline)
+        except IntakeError as err:
+            inv.ended(_outcome_of(err), code=err.code, record_id=err.record_id)
+            log.warning("intake failed: invocation=%s entity=%s code=%s status=%s request_id=%s ms=%.0f",
+                        invocation, entity, err.code, err.status, err.request_id or "-",
+                        (time.perf_counter() - started) * 1000,
+                        extra=telemetry.fields(invocation=invocation, trigger="http", entity=entity,
+                                               outcome=inv.outcome, code=err.code, request_id=err.request_id,
+                                               record_id=err.record_id))
+            return error_response(err, invocation)
+        except Exception:
+            inv.ended("failed", code="internal_error")
+            log.exception("intake crashed: invocation=%s entity=%s", invocation, entity,
+                          extra=telemetry.fields(invocation=invocation, trigger="http", entity=entity,
+                                                 outcome="failed", code="internal_error"))
+            return error_response(IntakeError("internal_error"), invocation)
+        inv.ended("created" if outcome.created else "existed", record_id=outcome.id)
+        log.info("intake done: invocation=%s entity=%s id=%s created=%s request_id=%s ms=%.0f",
+                 invocation, outcome.entity, outcome.id, outcome.created, outcome.request_id or "-",
+                 (time.perf_counter() - started) * 1000,
+                 extra=telemetry.fields(invocation=invocation, trigger="http", entity=entity, outcome=inv.outcome,
+                                        record_id=outcome.id, request_id=outcome.request_id))
     body = {"id": outcome.id, "entity": outcome.entity, "created": outcome.created}
     return func.HttpResponse(json.dumps(body), status_code=201 if outcome.created else 200, mimetype=_JSON)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import azure.functions as func
 
-from shared import runtime
+from shared import runtime, telemetry
 from shared.errors import IntakeError
 from shared.validation import Event, parse_case, parse_json, parse_lead
 
@@ -44,22 +44,36 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
              parse: Callable[[dict], Event]) -> None:
     started = time.perf_counter()
     body = msg.get_body()
-    try:
-        event = parse(parse_json(body))
-        outcome = runtime.intake().submit(event, key=msg.id, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
-    except IntakeError as err:
-        if err.in_event:
-            rejected.set(rejection(err, msg, queue, body))
-            log.warning("message rejected: invocation=%s queue=%s message_id=%s code=%s request_id=%s",
-                        context.invocation_id, queue, msg.id, err.code, err.request_id or "-")
-            return
-        log.error("message failed, will be retried: invocation=%s queue=%s message_id=%s dequeue_count=%s "
-                  "code=%s request_id=%s", context.invocation_id, queue, msg.id, msg.dequeue_count, err.code,
-                  err.request_id or "-")
-        raise
-    log.info("intake done: invocation=%s queue=%s message_id=%s entity=%s id=%s created=%s request_id=%s ms=%.0f",
-             context.invocation_id, queue, msg.id, outcome.entity, outcome.id, outcome.created,
-             outcome.request_id or "-", (time.perf_counter() - started) * 1000)
+    entity = "incident" if parse is parse_case else "lead"
+    with telemetry.get().invocation("queue", entity) as inv:
+        inv.attempt = msg.dequeue_count
+        try:
+            event = parse(parse_json(body))
+            outcome = runtime.intake().submit(event, key=msg.id, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
+        except IntakeError as err:
+            where = telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity, queue=queue,
+                                     message_id=msg.id, code=err.code, request_id=err.request_id,
+                                     record_id=err.record_id)
+            if err.in_event:
+                inv.ended("conflict" if err.code == "idempotency_conflict" else "rejected", code=err.code,
+                          record_id=err.record_id)
+                rejected.set(rejection(err, msg, queue, body))
+                log.warning("message rejected: invocation=%s queue=%s message_id=%s code=%s request_id=%s",
+                            context.invocation_id, queue, msg.id, err.code, err.request_id or "-",
+                            extra={**where, "intake.outcome": inv.outcome})
+                return
+            inv.ended("failed", code=err.code, record_id=err.record_id)
+            log.error("message failed, will be retried: invocation=%s queue=%s message_id=%s dequeue_count=%s "
+                      "code=%s request_id=%s", context.invocation_id, queue, msg.id, msg.dequeue_count, err.code,
+                      err.request_id or "-", extra={**where, "intake.outcome": "failed"})
+            raise
+        inv.ended("created" if outcome.created else "existed", record_id=outcome.id)
+        log.info("intake done: invocation=%s queue=%s message_id=%s entity=%s id=%s created=%s request_id=%s "
+                 "ms=%.0f", context.invocation_id, queue, msg.id, outcome.entity, outcome.id, outcome.created,
+                 outcome.request_id or "-", (time.perf_counter() - started) * 1000,
+                 extra=telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity,
+                                        queue=queue, message_id=msg.id, outcome=inv.outcome, record_id=outcome.id,
+                                        request_id=outcome.request_id))
 
 
 @queue_bp.queue_trigger(arg_name="msg", queue_name="cases", connection="AzureWebJobsStorage")

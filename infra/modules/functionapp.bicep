@@ -121,6 +121,11 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
           name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
           value: 'ClientId=${identityClientId};Authorization=AAD'
         }
+        // The Python worker's OpenTelemetry (host.json telemetryMode OpenTelemetry; shared/telemetry.py).
+        {
+          name: 'PYTHON_ENABLE_OPENTELEMETRY'
+          value: 'true'
+        }
         // DefaultAzureCredential picks the user-assigned identity by this client id (Key Vault).
         {
           name: 'AZURE_CLIENT_ID'

@@ -70,6 +70,7 @@ class StandIn:
         directory = self._state_dir or tempfile.mkdtemp(prefix="standin-")
         self._tmpdir = None if self._state_dir else directory
         tls = make_tls(directory)
+        self.tls = tls
         self.ca_path = tls.ca_path
         services = {
             "entra": EntraService(self.state, self.directory),

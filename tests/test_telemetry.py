@@ -1,0 +1,125 @@
+"""Telemetry through the real Azure Monitor exporter, into a local ingestion stand-in (issue 14).
+
+The app runs in a child process (OpenTelemetry's providers are global, once per process) with
+APPLICATIONINSIGHTS_CONNECTION_STRING pointing at tools/standin/ingestion.py; cases and leads go
+through the functions' own entry points against the Dataverse stand-in; then what was received is
+compared with what the stand-in counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tools.standin.ingestion import Ingestion
+
+ROOT = Path(__file__).resolve().parent.parent
+PERSONAL = ("Private.Person@example.com", "private.person@example.com", "+49 30 1234567", "+49301234567",
+            "Privatus", "Secret Title 7781", "Confidential description 5521", "Leadson", "lead.person@example.com")
+
+DRIVE = r'''
+import json, logging, sys
+logging.getLogger().setLevel(logging.INFO)  # as the Functions worker does with host.json's "Function": "Information"
+import azure.functions as func
+import function_app  # configures telemetry: the connection string is set
+from shared import telemetry
+from tools.invocation import Context, Out
+from azure.functions.queue import QueueMessage
+from triggers import http_intake, queue_intake
+
+contact = sys.argv[1]
+case = http_intake.create_case.build().get_user_function()
+lead = http_intake.create_lead.build().get_user_function()
+queue = queue_intake.cases_queue.build().get_user_function()
+statuses = []
+def post(fn, body, route):
+    resp = fn(func.HttpRequest("POST", "/api/" + route, body=json.dumps(body).encode()), Context())
+    statuses.append(resp.status_code)
+post(case, {"title": "Secret Title 7781", "description": "Confidential description 5521",
+            "customer": {"email": "Private.Person@example.com", "firstName": "Privatus"}, "externalId": "t-1"}, "cases")
+post(case, {"title": "Secret Title 7781", "description": "Confidential description 5521",
+            "customer": {"email": "Private.Person@example.com", "firstName": "Privatus"}, "externalId": "t-1"}, "cases")
+post(case, {"title": "Secret Title 7781", "customer": {"phone": "+49 30 1234567", "lastName": "Privatus"}}, "cases")
+post(case, {"title": "", "customer": {"contactId": contact}}, "cases")
+post(lead, {"lastName": "Leadson", "email": "lead.person@example.com"}, "leads")
+message = json.dumps({"title": "Secret Title 7781", "customer": {"contactId": contact}}).encode()
+queue(QueueMessage(id="m-1", body=message, dequeue_count=1), Out(), Context())
+telemetry.get().flush()
+otel = sorted(m for m in sys.modules if m.startswith(("opentelemetry", "azure.monitor")))
+print("RESULT " + json.dumps({"statuses": statuses, "enabled": telemetry.get().enabled, "otel_modules": otel[:3]}))
+'''
+
+
+def run_app(standin, extra_env: dict[str, str]) -> dict:
+    env = {**os.environ, **standin.settings_env(), **extra_env, "PYTHONPATH": str(ROOT)}
+    for name in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "OTEL_EXPORTER_OTLP_ENDPOINT", "INTAKE_TELEMETRY_CONSOLE"):
+        if name not in extra_env:
+            env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", DRIVE, standin.seed_contact_id], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    result["stdout"] = out.stdout
+    return result
+
+
+def test_without_a_target_no_opentelemetry_module_is_imported(standin):
+    result = run_app(standin, {})
+    assert result["enabled"] is False
+    assert result["otel_modules"] == []
+    assert result["statuses"] == [201, 200, 201, 400, 201]
+
+
+def test_console_telemetry_for_a_local_look(standin):
+    result = run_app(standin, {"INTAKE_TELEMETRY_CONSOLE": "true"})
+    assert result["enabled"] is True
+    assert '"name": "intake.http incident"' in result["stdout"]  # the invocation spans, printed
+    assert '"intake.outcome": "created"' in result["stdout"]
+    assert "private.person@example.com" not in result["stdout"].lower()
+
+
+def metric_sums(ingestion: Ingestion, name: str) -> Counter:
+    sums: Counter = Counter()
+    for env in ingestion.of_type("MetricData"):
+        data = env["data"]["baseData"]
+        for metric in data["metrics"]:
+            if metric["name"] == name:
+                props = data.get("properties", {})
+                sums[(props.get("intake.trigger"), props.get("intake.outcome"))] += metric["value"]
+    return sums
+
+
+def test_traces_metrics_and_logs_reach_application_insights_without_personal_data(standin):
+    si = standin
+    with Ingestion(si.tls.cert_path, si.tls.key_path) as ingestion:
+        result = run_app(si, {"APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string(),
+                              "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+                              "OTEL_TRACES_SAMPLER": "always_on"})
+        assert result["enabled"] is True and result["statuses"] == [201, 200, 201, 400, 201]
+        dataverse_requests = si.counts["dataverse"]["total"]
+        host = si.dataverse_url.split("://", 1)[1]
+        deps = [e["data"]["baseData"] for e in ingestion.of_type("RemoteDependencyData")
+                if host in e["data"]["baseData"].get("target", "") + e["data"]["baseData"].get("data", "")]
+        assert len(deps) == dataverse_requests, (len(deps), dataverse_requests)
+        assert all(d.get("properties", {}).get("dataverse.service_request_id") for d in deps), deps[:2]
+        assert not [d for d in deps if "?" in d.get("data", "")], "a URL was recorded with its query string"
+        created = len(si.records("incidents")) + len(si.records("leads"))
+        sums = metric_sums(ingestion, "intake.records")
+        assert sums[("http", "created")] + sums[("queue", "created")] == created == 4
+        assert (sums[("http", "existed")], sums[("http", "rejected")]) == (1, 1)
+        requests_ = ingestion.of_type("RequestData")
+        outcomes = Counter(r["data"]["baseData"]["properties"].get("intake.outcome") for r in requests_)
+        assert outcomes == {"created": 4, "existed": 1, "rejected": 1}, outcomes
+        logs = [e["data"]["baseData"] for e in ingestion.of_type("MessageData")]
+        done = [m for m in logs if m["message"].startswith("intake done")]
+        assert done and all(m["properties"].get("intake.record_id") for m in done)
+        failed = [m for m in logs if m["message"].startswith("intake failed")]
+        assert [m["properties"]["intake.code"] for m in failed] == ["invalid_request"]
+        everything = "\n".join(ingestion.raw)
+        leaked = [p for p in (*PERSONAL, si.dynamics_secret, si.kv_secret, *si.issued_tokens) if p in everything]
+        assert not leaked, leaked
