@@ -57,6 +57,20 @@ param dynamicsApiVersion string = ''
 @description('AZURE_AUTHORITY_HOST: Entra ID authority host; empty means the login endpoint of the cloud deployed to.')
 param azureAuthorityHost string = ''
 
+@description('The Dataverse application user\'s concurrency budget: 52 concurrent requests per user (service protection), shared by every instance of the app.')
+param dataverseConcurrencyBudget int = 52
+
+@minValue(1)
+@maxValue(1000)
+@description('Flex Consumption maximumInstanceCount. Learn has given 40 as the lowest value it accepts; each instance gets dataverseConcurrencyBudget / this many concurrent Dataverse requests (README, Scale).')
+param maximumInstanceCount int = 40
+
+@description('INTAKE_DATAVERSE_CONCURRENCY: one instance\'s concurrent Dataverse requests; empty means dataverseConcurrencyBudget / maximumInstanceCount.')
+param intakeDataverseConcurrency string = ''
+
+@description('INTAKE_DEFERRAL_MAX_HOURS: how long a queue message may wait out throttling or an outage before it is set aside in <queue>-poison; empty means the default.')
+param intakeDeferralMaxHours string = ''
+
 @description('E-mail address that receives the alerts (poison, failures by code, sustained throttling); empty: no action group.')
 param alertEmail string = ''
 
@@ -67,6 +81,10 @@ param dynamicsClientSecret string = ''
 // An empty value means the default, as it does in the app (shared/settings.py, same defaults): azd leaves
 // an unset variable empty, and so may `az deployment sub create -p main.parameters.json` or a pipeline.
 var auth = empty(dynamicsAuth) ? 'secret' : dynamicsAuth
+// The fleet inside the user's budget: instances x per-instance Dataverse concurrency <= the budget.
+var perInstance = max(1, dataverseConcurrencyBudget / maximumInstanceCount)
+var dataverseConcurrency = empty(intakeDataverseConcurrency) ? string(perInstance) : intakeDataverseConcurrency
+var deferralMaxHours = empty(intakeDeferralMaxHours) ? '24' : intakeDeferralMaxHours
 // Key Vault is read in the secret and certificate modes only; the managed-identity modes need no vault role.
 var usesVault = (auth == 'secret') || (auth == 'certificate')
 var clientSecretName = empty(dynamicsClientSecretName) ? 'dynamics-client-secret' : dynamicsClientSecretName
@@ -170,6 +188,10 @@ module functionApp 'modules/functionapp.bicep' = {
     dynamicsClientSecretName: (auth == 'secret') ? clientSecretName : ''
     dynamicsClientCertificateName: (auth == 'certificate') ? certificateName : ''
     dynamicsApiVersion: apiVersion
+    maximumInstanceCount: maximumInstanceCount
+    intakeDataverseConcurrency: dataverseConcurrency
+    intakeDeferralMaxHours: deferralMaxHours
+    queueBatchSize: min(32, perInstance)
     azureAuthorityHost: authorityHost
   }
 }

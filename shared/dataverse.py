@@ -7,6 +7,7 @@ retried with backoff, which is safe because every request is a read or a create 
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from shared.auth import TokenSource
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.settings import Settings
+from shared.throttle import Gate
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ _JSON_HEADERS = {**_ODATA_HEADERS, "Content-Type": "application/json; charset=ut
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)\s*$")
 _FORBIDDEN = {"0x80072560": "dynamics_app_user_missing", "0x80040225": "dynamics_app_user_disabled",
               "0x80040220": "dynamics_privilege_missing"}
-MAX_ATTEMPTS = 4
+MAX_ATTEMPTS = 4  # tries that met an error other than throttling
+THROTTLE_ATTEMPTS = 16  # tries that met a 429, each after the gate held it for Retry-After
 
 
 def default_pool_size() -> int:
@@ -96,7 +99,8 @@ class DataverseClient:
     """Thread-safe: `requests.Session` is shared by all threads of the instance, as is the token."""
 
     def __init__(self, settings: Settings, tokens: TokenSource, *, pool_size: int | None = None,
-                 connect_timeout: float = 3.05, read_timeout: float = 30.0, backoff: float = 0.5) -> None:
+                 connect_timeout: float = 3.05, read_timeout: float = 30.0, backoff: float = 0.5,
+                 concurrency: int | None = None) -> None:
         self._settings = settings
         self._tokens = tokens
         self._base = settings.api_base
@@ -111,6 +115,10 @@ class DataverseClient:
         if ca_bundle:
             self.session.verify = ca_bundle
         self.session.proxies = requests.utils.get_environ_proxies(self._base)
+        # Dataverse's ARRAffinity cookie pins a client to one web server, and its limits are per server:
+        # keeping no cookie spreads the requests over all of them.
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self.gate = Gate(concurrency or settings.dataverse_concurrency)
         self.pool_size = size
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0)
         self.session.mount("https://", adapter)
@@ -153,6 +161,21 @@ class DataverseClient:
         time.sleep(wait)
         return True
 
+    def _account(self, resp: requests.Response | None) -> None:
+        """Tell the instance's gate how the request went (no answer counts as neither success nor 429)."""
+        if resp is None:
+            self.gate.leave(599)
+            return
+        hint = resp.headers.get("x-ms-dop-hint")
+        if hint and hint.isdigit():
+            self.gate.hint(int(hint))
+        if resp.status_code == 429:
+            code, _ = _error_of(resp)
+            telemetry.get().throttled(code or None)
+            self.gate.leave(429, code or None, _retry_after(resp))
+        else:
+            self.gate.leave(resp.status_code)
+
     def _unanswered(self, method: str, path: str, why: str) -> IntakeError:
         return IntakeError("dynamics_unavailable", f"Dataverse did not answer {method} "
                                                    f"{path.split('(', 1)[0].split('?', 1)[0]}: {why}",
@@ -175,12 +198,16 @@ class DataverseClient:
         reauthed = False
         maybe_applied = False
         failure: IntakeError | None = None
-        for attempt in range(MAX_ATTEMPTS):
-            if deadline.expired():
+        throttles = 0
+        for attempt in range(MAX_ATTEMPTS + THROTTLE_ATTEMPTS):
+            if deadline.expired() or attempt - throttles >= MAX_ATTEMPTS:
                 break
             token = self._tokens.token(deadline)
             send_headers["Authorization"] = "Bearer " + token
+            self.gate.enter(deadline)  # waits out this instance's throttling; raises when the deadline comes first
             timeout = (deadline.cap(self._timeout[0]), deadline.cap(self._timeout[1]))
+            resp = None
+            tries = attempt - throttles
             try:
                 resp = self.session.request(method, url, data=data, headers=send_headers, params=params,
                                             timeout=timeout)
@@ -189,15 +216,17 @@ class DataverseClient:
                 never_sent = isinstance(exc, requests.exceptions.ConnectTimeout) or "NewConnectionError" in repr(exc)
                 maybe_applied = maybe_applied or not never_sent
                 failure = self._unanswered(method, path, type(exc).__name__)
-                if self._pause(attempt, deadline):
+                if self._pause(tries, deadline):
                     continue
                 break
             except requests.exceptions.Timeout:
                 maybe_applied = True
                 failure = self._unanswered(method, path, f"no answer within {timeout[1]:.1f}s")
-                if self._pause(attempt, deadline):
+                if self._pause(tries, deadline):
                     continue
                 break
+            finally:
+                self._account(resp)
             status = resp.status_code
             if status in ok:
                 return resp
@@ -213,17 +242,15 @@ class DataverseClient:
                 break
             failure = self._fail(resp)
             if status == 429:
-                telemetry.get().throttled(failure.upstream_code)
-                wait = failure.retry_after or 0.0
-                wait += random.uniform(0, min(1.0, wait / 4 + 0.1))  # waiters must not wake as one herd
-                if attempt + 1 < MAX_ATTEMPTS and deadline.allows(wait):
-                    log.info("dataverse throttled; waiting %.1fs as Retry-After says", wait)
-                    time.sleep(wait)
-                    continue
+                throttles += 1
+                if deadline.allows(failure.retry_after or 0.0):
+                    log.info("dataverse throttled (%s); the instance holds its requests %.1fs as Retry-After says",
+                             failure.upstream_code or "-", failure.retry_after or 0.0)
+                    continue  # the gate holds the next try, and every other thread's, until Retry-After passed
                 break
             if status >= 500:
                 maybe_applied = True
-                if self._pause(attempt, deadline):
+                if self._pause(tries, deadline):
                     continue
             break
         if failure is None:

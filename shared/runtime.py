@@ -33,9 +33,14 @@ def intake() -> Intake:
             s = settings_mod.load()
             tokens = TokenProvider(s, proof_for(s))
             client = DataverseClient(s, tokens, **_options)
-            telemetry.get().observe_concurrency(lambda: client.pool_size)
+            telemetry.get().observe_concurrency(lambda: client.gate.limit)
             _intake = Intake(client)
         return _intake
+
+
+def settings() -> settings_mod.Settings:
+    """The instance's settings (raises IntakeError(config_invalid) while one is wrong)."""
+    return intake().client.settings
 
 
 def reset(**client_options: Any) -> None:

@@ -47,6 +47,10 @@ SETTINGS: tuple[Setting, ...] = (
             "name of the Key Vault certificate (its private key is read through the secret of that name)",
             ("certificate",)),
     Setting("DYNAMICS_API_VERSION", False, "v9.2", "Dataverse Web API version"),
+    Setting("INTAKE_DATAVERSE_CONCURRENCY", False, "24", "this instance's limit of concurrent Dataverse requests "
+            "(the fleet shares 52: instances x this stays within it; x-ms-dop-hint may lower it)"),
+    Setting("INTAKE_DEFERRAL_MAX_HOURS", False, "24", "how long a queue message may be deferred for a cause outside "
+            "it (throttling, an outage) before it is set aside in <queue>-poison"),
     Setting("AZURE_AUTHORITY_HOST", False, None, "Entra ID authority host; default Microsoft's public cloud"),
 )
 
@@ -63,6 +67,8 @@ class Settings:
     auth: str = "secret"
     certificate_name: str = "dynamics-client-certificate"
     identity_client_id: str | None = None  # AZURE_CLIENT_ID: the user-assigned managed identity, if any
+    dataverse_concurrency: int = 24
+    deferral_max_hours: float = 24.0
 
     @property
     def api_base(self) -> str:
@@ -134,6 +140,14 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     for name in ("DYNAMICS_CLIENT_SECRET_NAME", "DYNAMICS_CLIENT_CERTIFICATE_NAME"):
         if not _SECRET_NAME.match(raw[name] or ""):
             problems.append({"field": name, "problem": f"{name} must be 1-127 letters, digits and dashes"})
+    numbers: dict[str, float] = {}
+    for name, low, high in (("INTAKE_DATAVERSE_CONCURRENCY", 1, 1000), ("INTAKE_DEFERRAL_MAX_HOURS", 0.01, 168)):
+        try:
+            numbers[name] = float(raw[name] or "")
+            if not low <= numbers[name] <= high or (name.endswith("CONCURRENCY") and not numbers[name].is_integer()):
+                raise ValueError
+        except ValueError:
+            problems.append({"field": name, "problem": f"{name} must be a number from {low} to {high}"})
     if not _API_VERSION.match(raw["DYNAMICS_API_VERSION"] or ""):
         problems.append({"field": "DYNAMICS_API_VERSION", "problem": "DYNAMICS_API_VERSION must look like v9.2"})
     authority = raw["AZURE_AUTHORITY_HOST"]
@@ -146,4 +160,6 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                     secret_name=raw["DYNAMICS_CLIENT_SECRET_NAME"], api_version=raw["DYNAMICS_API_VERSION"],
                     authority_host=authority or None, auth=auth,
                     certificate_name=raw["DYNAMICS_CLIENT_CERTIFICATE_NAME"],
-                    identity_client_id=identity.lower() if identity else None)
+                    identity_client_id=identity.lower() if identity else None,
+                    dataverse_concurrency=int(numbers["INTAKE_DATAVERSE_CONCURRENCY"]),
+                    deferral_max_hours=numbers["INTAKE_DEFERRAL_MAX_HOURS"])

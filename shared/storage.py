@@ -24,11 +24,9 @@ def configured(environ: Mapping[str, str] | None = None) -> bool:
 
 def service(environ: Mapping[str, str] | None = None, **options: Any) -> Any:
     """A QueueServiceClient for the host's storage (raises KeyError/ValueError when none is configured)."""
-    from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+    from azure.storage.queue import QueueServiceClient
 
     env = os.environ if environ is None else environ
-    options = {"message_encode_policy": TextBase64EncodePolicy(), "message_decode_policy": TextBase64DecodePolicy(),
-               **options}
     conn = (env.get("AzureWebJobsStorage") or "").strip()
     if conn:
         return QueueServiceClient.from_connection_string(conn, **options)
@@ -45,6 +43,9 @@ def queue(name: str) -> Any:
     with _lock:
         client = _clients.get(key)
         if client is None:
+            from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
+
+            # The host reads base64 (host.json messageEncoding); a service client's queues do not inherit it.
             client = _clients[key] = service(retry_total=2, connection_timeout=5, read_timeout=10).get_queue_client(
-                name)
+                name, message_encode_policy=TextBase64EncodePolicy(), message_decode_policy=TextBase64DecodePolicy())
         return client

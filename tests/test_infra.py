@@ -64,6 +64,8 @@ PLATFORM_SETTINGS = {
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",  # telemetry by Entra ID: ClientId=...;Authorization=AAD
     "AZURE_CLIENT_ID",  # DefaultAzureCredential picks the user-assigned identity (Key Vault)
     "PYTHON_ENABLE_OPENTELEMETRY",  # the Python worker's OpenTelemetry (host.json telemetryMode)
+    "AzureFunctionsJobHost__extensions__queues__batchSize",  # per-instance queue concurrency (fleet budget)
+    "AzureFunctionsJobHost__extensions__queues__newBatchThreshold",
 }
 
 # Queues the app reads (cases, leads), writes (-rejected) and the host poisons failures to (-poison).
@@ -393,7 +395,7 @@ def test_setting_comes_from_azd_environment(setting) -> None:
     file_values = {p: _parameters_file().get(p, {}).get("value") for p in params}
     assert f"${{{setting.name}}}" in file_values.values(), \
         f"{setting.name} must come from a main.bicep parameter fed by ${{{setting.name}}}: {file_values}"
-    if setting.default is not None:
+    if setting.default is not None and setting.name != "INTAKE_DATAVERSE_CONCURRENCY":  # computed: below
         assert setting.default in _literals(path, value), \
             f"{setting.name}: the template's fallback must be the code's default {setting.default!r}"
 
@@ -546,3 +548,19 @@ def test_action_group_only_with_an_alert_email() -> None:
     (caller, params), = _callers(path)
     assert _main_params_reached(caller, params["alertEmail"]) == {"alertEmail"}
     assert _parameters_file()["alertEmail"]["value"] == "${AZURE_ALERT_EMAIL}"
+
+
+def test_fleet_stays_within_the_dataverse_concurrency_budget() -> None:
+    """Instances x per-instance Dataverse concurrency <= the application user's budget (52 by default)."""
+    main = _doc(MAIN)["parameters"]
+    assert main["dataverseConcurrencyBudget"]["default"] == 52
+    assert main["maximumInstanceCount"]["default"] >= 40  # the lowest value Flex Consumption has accepted
+    source = MAIN.read_text()
+    assert "var perInstance = max(1, dataverseConcurrencyBudget / maximumInstanceCount)" in source
+    budget, instances = 52, main["maximumInstanceCount"]["default"]
+    assert instances * max(1, budget // instances) <= budget
+    path, _ = _app_settings()
+    where, value = _resolve(path, _setting("INTAKE_DATAVERSE_CONCURRENCY"))
+    assert "perInstance" in json.dumps(value)
+    site = _resources(path)
+    assert any("maximumInstanceCount" in json.dumps(r) for r in site.values())

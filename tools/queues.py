@@ -21,6 +21,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from shared import deferral
+
 AZURITE = "UseDevelopmentStorage=true"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
@@ -116,7 +118,8 @@ def replay(conn_str: str, queue: str, *, rejected: bool = False, limit: int = 10
             if not batch:
                 break
             for msg in batch:
-                body = _original_body(msg.content) if rejected else msg.content
+                # A deferral envelope keeps its key (exactly one record on replay) and restarts its age limit.
+                body = _original_body(msg.content) if rejected else deferral.replayed(msg.content)
                 late = msg.inserted_on is not None and msg.inserted_on > started
                 if body is None or late:
                     held.append(msg)

@@ -1,8 +1,9 @@
 """Storage-queue triggers: one row per message; a message that can never succeed is set aside, kept.
 
-A message whose failure lies outside it (throttling, an outage, a missing privilege) raises, so the
-host makes it visible again later and, after maxDequeueCount tries, moves it to <queue>-poison for
-the operator to replay once the cause is fixed.
+A message whose failure lies outside it (throttling, an outage, a missing privilege) is deferred: sent
+back to its own queue with a delay, keeping its key (shared/deferral.py), so it spends no delivery and
+is never poisoned for a cause it does not hold. After INTAKE_DEFERRAL_MAX_HOURS, or for a failure
+nobody can classify, the function sets it aside in <queue>-poison itself, for `tools.queues replay`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import azure.functions as func
 
-from shared import runtime, telemetry
+from shared import deferral, runtime, storage, telemetry
 from shared.errors import IntakeError
 from shared.validation import Event, parse_case, parse_json, parse_lead
 
@@ -40,40 +41,57 @@ def rejection(err: IntakeError, msg: func.QueueMessage, queue: str, body: bytes)
                        "reason": reason, **original})
 
 
+def _max_hours() -> float:
+    try:
+        return runtime.settings().deferral_max_hours
+    except IntakeError:  # a wrong setting is itself a cause outside the message: defer it by the default
+        return 24.0
+
+
 def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context, queue: str,
              parse: Callable[[dict], Event]) -> None:
     started = time.perf_counter()
-    body = msg.get_body()
+    body, envelope = deferral.unwrap(msg.get_body(), msg.id)
     entity = "incident" if parse is parse_case else "lead"
     with telemetry.get().invocation("queue", entity) as inv:
-        inv.attempt = msg.dequeue_count
+        inv.attempt = envelope.attempt + 1
+        where = telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity, queue=queue,
+                                 message_id=envelope.key, attempt=inv.attempt)
         try:
             event = parse(parse_json(body))
-            outcome = runtime.intake().submit(event, key=msg.id, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
+            outcome = runtime.intake().submit(event, key=envelope.key, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
         except IntakeError as err:
-            where = telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity, queue=queue,
-                                     message_id=msg.id, code=err.code, request_id=err.request_id,
-                                     record_id=err.record_id)
+            where.update(telemetry.fields(code=err.code, request_id=err.request_id, record_id=err.record_id))
             if err.in_event:
                 inv.ended("conflict" if err.code == "idempotency_conflict" else "rejected", code=err.code,
                           record_id=err.record_id)
                 rejected.set(rejection(err, msg, queue, body))
                 log.warning("message rejected: invocation=%s queue=%s message_id=%s code=%s request_id=%s",
-                            context.invocation_id, queue, msg.id, err.code, err.request_id or "-",
+                            context.invocation_id, queue, envelope.key, err.code, err.request_id or "-",
                             extra={**where, "intake.outcome": inv.outcome})
                 return
-            inv.ended("failed", code=err.code, record_id=err.record_id)
-            log.error("message failed, will be retried: invocation=%s queue=%s message_id=%s dequeue_count=%s "
-                      "code=%s request_id=%s", context.invocation_id, queue, msg.id, msg.dequeue_count, err.code,
-                      err.request_id or "-", extra={**where, "intake.outcome": "failed"})
-            raise
+            if not storage.configured():  # nowhere to defer to (a bare test harness): the host retries it
+                raise
+            result, delay = deferral.defer(queue, body, envelope, err, _max_hours())
+            inv.ended(result, code=err.code, record_id=err.record_id)
+            inv.reason = err.code
+            log.warning("message %s: invocation=%s queue=%s message_id=%s attempt=%s code=%s delay=%.0fs "
+                        "request_id=%s", result, context.invocation_id, queue, envelope.key, envelope.attempt,
+                        err.code, delay, err.request_id or "-",
+                        extra={**where, "intake.outcome": result, "intake.deferral_reason": err.code})
+            return
+        except Exception:  # nobody can classify it: set it aside now, with its key, instead of five blind tries
+            inv.ended("poisoned", code="internal_error")
+            log.exception("message poisoned: invocation=%s queue=%s message_id=%s", context.invocation_id, queue,
+                          envelope.key, extra={**where, "intake.outcome": "poisoned", "intake.code": "internal_error"})
+            deferral.poison(queue, body, envelope, IntakeError("internal_error"))
+            return
         inv.ended("created" if outcome.created else "existed", record_id=outcome.id)
         log.info("intake done: invocation=%s queue=%s message_id=%s entity=%s id=%s created=%s request_id=%s "
-                 "ms=%.0f", context.invocation_id, queue, msg.id, outcome.entity, outcome.id, outcome.created,
+                 "ms=%.0f", context.invocation_id, queue, envelope.key, outcome.entity, outcome.id, outcome.created,
                  outcome.request_id or "-", (time.perf_counter() - started) * 1000,
-                 extra=telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity,
-                                        queue=queue, message_id=msg.id, outcome=inv.outcome, record_id=outcome.id,
-                                        request_id=outcome.request_id))
+                 extra={**where, **telemetry.fields(outcome=inv.outcome, record_id=outcome.id,
+                                                    request_id=outcome.request_id)})
 
 
 @queue_bp.queue_trigger(arg_name="msg", queue_name="cases", connection="AzureWebJobsStorage")

@@ -23,6 +23,11 @@ param keyVaultUrl string
 param dynamicsClientSecretName string
 param dynamicsClientCertificateName string
 param dynamicsApiVersion string
+param intakeDataverseConcurrency string
+param intakeDeferralMaxHours string
+
+@description('Queue messages one instance takes at a time per queue function (batchSize; newBatchThreshold is half of it).')
+param queueBatchSize int = 8
 param azureAuthorityHost string
 
 @allowed([
@@ -163,6 +168,23 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'DYNAMICS_API_VERSION'
           value: dynamicsApiVersion
+        }
+        {
+          name: 'INTAKE_DATAVERSE_CONCURRENCY'
+          value: intakeDataverseConcurrency
+        }
+        {
+          name: 'INTAKE_DEFERRAL_MAX_HOURS'
+          value: intakeDeferralMaxHours
+        }
+        // Per-instance queue concurrency, overriding host.json: instances x concurrency within the budget.
+        {
+          name: 'AzureFunctionsJobHost__extensions__queues__batchSize'
+          value: string(queueBatchSize)
+        }
+        {
+          name: 'AzureFunctionsJobHost__extensions__queues__newBatchThreshold'
+          value: string(queueBatchSize / 2)
         }
         {
           name: 'AZURE_AUTHORITY_HOST'

@@ -6,6 +6,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +123,15 @@ def process(svc: Service, req: Request) -> Response:
         fault = state.faults.pick(svc.name, req.method, req.raw_path)
         if svc.name == "dataverse" and limit and inflight > limit:
             fault = Fault("error", 429, "0x80072326")
+        if svc.name == "dataverse" and fault is None and handler is not None and state.throttle_until:
+            left = state.throttle_until - time.monotonic()
+            if left > 0:
+                fault = Fault("error", 429, "0x80072322", retry_after=left)
+        protection = state.protection
+        if svc.name == "dataverse" and protection is not None and fault is None and handler is not None:
+            verdict = protection.admit(inflight)
+            if verdict is not None:
+                fault = Fault("error", 429, verdict[0], retry_after=verdict[1])
         if fault is not None and fault.kind == "error":
             try:
                 resp = svc.fault_response(req, fault)

@@ -190,9 +190,13 @@ class DataverseService:
         return resp
 
     def finalize(self, req: Request, resp: Response) -> None:
+        if "ARRAffinity=" in (req.header("Cookie") or ""):
+            self.state.affinity_cookies += 1  # a client that keeps the cookie is pinned to one web server
         rid = str(uuid.uuid4())
         resp.headers += [("x-ms-service-request-id", rid), ("REQ_ID", rid), ("OData-Version", "4.0"),
-                         ("x-ms-dop-hint", "4"), ("Cache-Control", "no-cache")]
+                         ("x-ms-dop-hint", str(self.state.dop_hint)),
+                         ("Set-Cookie", f"ARRAffinity={rid[:16]}; Path=/; HttpOnly; Secure"),
+                         ("Cache-Control", "no-cache")]
 
     def challenge(self) -> Response:
         auth = f"{self.state.urls['entra']}/{self.state.ids.tenant_id}/oauth2/authorize"

@@ -257,6 +257,22 @@ class StandIn:
     def set_max_concurrent(self, limit: int | None) -> None:
         self.state.max_concurrent = limit
 
+    def throttle_for(self, seconds: float) -> None:
+        """Every Dataverse request answers 429 (0x80072322) for `seconds`, Retry-After = the time left."""
+        import time
+
+        self.state.throttle_until = time.monotonic() + float(seconds)
+
+    def set_protection(self, window: float, max_requests: int, max_concurrent: int = 52, penalty: float = 0.0,
+                       dop_hint: int | None = None) -> Any:
+        """Dataverse's service protection limits on a scaled clock (tools/standin/protection.py)."""
+        from .protection import Protection
+
+        self.state.protection = Protection(window, max_requests, max_concurrent, penalty)
+        if dop_hint is not None:
+            self.state.dop_hint = dop_hint
+        return self.state.protection
+
     # ---- Entra controls -----------------------------------------------------------------------------
     def revoke_tokens(self) -> None:
         """Tokens issued so far answer 401 at Dataverse; new ones work."""

@@ -1,0 +1,142 @@
+"""The fleet under Dataverse's service protection limits: K instances as separate processes (each its own
+`function_app` import) drain one burst from a shared Azurite queue, against the stand-in enforcing the
+limits on a scaled clock (tools/standin/protection.py).
+
+    python -m bench.fleet --instances 4 --messages 2400            (the benchmark: both regimes)
+
+Reports drain time against the minimum the request budget allows, the share of Dataverse requests
+answered 429, deliveries per message, and poisoned, duplicated and lost messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Regime:
+    name: str
+    window: float  # seconds: the scaled 300 s window
+    max_requests: int  # per window: the scaled 6000
+    queue_budget: float  # seconds one message may spend in a call
+
+    @property
+    def retry_after_exceeds_budget(self) -> bool:
+        return self.window > self.queue_budget
+
+
+def regimes(scale: str = "small") -> list[Regime]:
+    if scale == "small":
+        return [Regime("short", 1.0, 40, 8.0), Regime("long", 3.0, 40, 1.0)]
+    return [Regime("short", 2.0, 300, 10.0), Regime("long", 5.0, 300, 2.0)]
+
+
+def minimum_drain(messages: int, regime: Regime, requests_per_message: int = 1) -> float:
+    """The earliest the last request can be sent: the request budget allows max_requests per window."""
+    return ((messages * requests_per_message - 1) // regime.max_requests) * regime.window
+
+
+def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regime: Regime,
+        latency: float = 0.02, timeout: float = 300.0) -> dict[str, Any]:
+    """One burst, drained by `instances` worker processes; returns the figures."""
+    from tools.queues import ensure, queue_client
+
+    si = standin
+    for q in ("cases", "cases-poison", "cases-rejected"):
+        ensure(queue_client(azurite_conn, q)).clear_messages()
+    si.set_latency("dataverse", latency)
+    protection = si.set_protection(regime.window, regime.max_requests, 52, penalty=regime.window * 0.005)
+    run_id = uuid.uuid4().hex[:6]
+    queue = queue_client(azurite_conn, "cases")
+    for i in range(messages):
+        event: dict[str, Any] = {"title": f"fleet-{run_id}-{i}", "customer": {"contactId": si.seed_contact_id}}
+        if i % 2:
+            event.update(externalId=f"ev-{run_id}-{i}", source="fleet")
+        queue.send_message(json.dumps(event))
+    env = {**os.environ, **si.settings_env(), "AzureWebJobsStorage": azurite_conn, "PYTHONPATH": str(ROOT)}
+    env.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
+    started = time.monotonic()
+    workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet_worker", "--seconds", str(timeout),
+                                 "--queue-budget", str(regime.queue_budget), "--idle", "2"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(instances)]
+    drained_at = None
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        titles = {r["title"] for r in si.records("incidents") if r["title"].startswith(f"fleet-{run_id}-")}
+        if len(titles) >= messages:
+            drained_at = time.monotonic()
+            break
+        if all(w.poll() is not None for w in workers):
+            break
+        time.sleep(0.1)
+    reports = []
+    for w in workers:
+        out, err = w.communicate(timeout=max(deadline - time.monotonic(), 30))
+        lines = [x for x in out.splitlines() if x.startswith("{")]
+        reports.append(json.loads(lines[-1]) if lines else {"error": err[-500:]})
+    rows = [r for r in si.records("incidents") if r["title"].startswith(f"fleet-{run_id}-")]
+    per_title = Counter(r["title"] for r in rows)
+    poisoned = queue_client(azurite_conn, "cases-poison").get_queue_properties().approximate_message_count
+    left = queue_client(azurite_conn, "cases").get_queue_properties().approximate_message_count
+    stats = protection.stats
+    throttled = sum(stats.throttled.values())
+    invocations = sum(r.get("succeeded", 0) + r.get("host_retries", 0) for r in reports)
+    minimum = minimum_drain(messages, regime)
+    drain = (drained_at - started) if drained_at else None
+    si.state.protection = None
+    return {
+        "regime": regime.name, "instances": instances, "messages": messages, "window_s": regime.window,
+        "requests_per_window": regime.max_requests, "queue_budget_s": regime.queue_budget,
+        "retry_after_exceeds_budget": regime.retry_after_exceeds_budget,
+        "drain_s": None if drain is None else round(drain, 2), "minimum_s": round(minimum, 2),
+        "drain_over_minimum": None if drain is None or minimum <= 0 else round(drain / minimum, 3),
+        "dataverse_requests": stats.admitted + throttled, "answered_429": throttled,
+        "share_429": round(throttled / max(stats.admitted + throttled, 1), 4), "throttle_codes": stats.throttled,
+        "sent_while_throttled": stats.sent_while_throttled, "peak_concurrency": stats.peak_concurrency,
+        "deliveries": invocations, "deliveries_per_message": round(invocations / messages, 3),
+        "deferrals": invocations - messages - sum(r.get("host_retries", 0) for r in reports),
+        "host_retries": sum(r.get("host_retries", 0) for r in reports),
+        "created": len(per_title), "duplicated": sum(n - 1 for n in per_title.values()),
+        "lost": messages - len(per_title), "poisoned": poisoned, "left_in_queue": left,
+        "affinity_cookies_sent": si.state.affinity_cookies, "workers": reports,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, default=4)
+    p.add_argument("--messages", type=int, default=2400)
+    p.add_argument("--scale", choices=["small", "large"], default="large")
+    a = p.parse_args(argv)
+    from tests.azurite import Azurite
+    from tools.standin import StandIn
+
+    az = Azurite()
+    try:
+        with StandIn(hold_seconds=2.0) as si:
+            os.environ["REQUESTS_CA_BUNDLE"] = si.ca_path
+            for regime in regimes(a.scale):
+                result = run(si, az.connection_string, instances=a.instances, messages=a.messages, regime=regime)
+                result.pop("workers")
+                print(json.dumps(result), flush=True)
+    finally:
+        az.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

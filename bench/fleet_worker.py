@@ -1,0 +1,44 @@
+"""One instance of the fleet: its own process and its own `function_app` import, consuming the shared
+`cases` queue in Azurite with the host's queue semantics (tests/hostsim.py), until the queue stays empty.
+
+    python -m bench.fleet_worker --seconds 120 --queue-budget 2.0   (settings from the environment)
+Prints one JSON line: what the host side saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=120.0)
+    p.add_argument("--idle", type=float, default=2.0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threshold", type=int, default=4)
+    p.add_argument("--visibility", type=float, default=2.0)
+    p.add_argument("--queue-budget", type=float, default=60.0)
+    a = p.parse_args()
+    import function_app  # noqa: F401 - the instance's own import, as the host does
+    from shared import runtime
+    from tests.hostsim import QueueHost
+    from triggers import queue_intake
+
+    queue_intake.QUEUE_BUDGET = a.queue_budget  # the per-call budget, scaled with the clock
+    fn = queue_intake.cases_queue.build().get_user_function()
+    host = QueueHost(os.environ["AzureWebJobsStorage"], "cases", fn, batch_size=a.batch,
+                     new_batch_threshold=a.threshold, visibility_timeout=a.visibility)
+    started = time.monotonic()
+    stats = host.run(idle_seconds=a.idle, max_seconds=a.seconds, threads=a.batch + a.threshold)
+    gate = runtime.intake().client.gate
+    print(json.dumps({"succeeded": stats.succeeded, "host_retries": stats.failed_attempts,
+                      "rejected": stats.rejected, "poisoned_by_host": stats.poisoned, "errors": stats.errors[:5],
+                      "seconds": round(time.monotonic() - started, 2), "gate_limit": gate.limit,
+                      "gate_waits": gate.waits}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

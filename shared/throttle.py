@@ -1,0 +1,93 @@
+"""One throttle state per instance, and a limit on its concurrent Dataverse requests that adapts.
+
+Dataverse's service protection limits count the application user across the whole fleet, and sending
+while throttled lengthens the wait. So when Dataverse answers 429, every thread of the instance holds
+its next request until Retry-After has passed (plus a little jitter, so the waiters do not wake as one
+herd), instead of each invocation discovering the limit on its own. The concurrency limit starts from
+INTAKE_DATAVERSE_CONCURRENCY, is capped by the x-ms-dop-hint Dataverse sends, shrinks on a 429 (by a
+quarter on the concurrency-limit code 0x80072326, by half on the others) and grows back by one after a
+limit's worth of successes. After a 429 the instance resumes with one probing request, and the
+others follow when it got through.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from shared.deadline import Deadline
+from shared.errors import IntakeError
+
+CONCURRENCY_CODE = "0x80072326"
+
+
+class Gate:
+    """Thread-safe; one per DataverseClient (one per instance)."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._setting = max(1, limit)
+        self._ceiling = self._setting  # the setting, or x-ms-dop-hint when that is lower
+        self._limit = self._ceiling
+        self._active = 0
+        self._successes = 0
+        self._resume_at = 0.0
+        self._probing = False  # after a 429: one request at a time until one gets through
+        self.waits = 0  # requests that waited out another request's 429 (for tests and telemetry)
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def hint(self, dop: int) -> None:
+        """Dataverse's recommended degree of parallelism (x-ms-dop-hint): never exceed it."""
+        with self._cond:
+            if dop > 0:
+                self._ceiling = min(self._setting, dop)
+                self._limit = min(self._limit, self._ceiling)
+
+    def enter(self, deadline: Deadline) -> None:
+        """Wait for the throttle to pass and a slot to free, within the call's deadline."""
+        with self._cond:
+            waited = False
+            while True:
+                hold = self._resume_at - time.monotonic()
+                if hold > 0:
+                    if not deadline.allows(hold):
+                        raise IntakeError("dynamics_throttled", "Dataverse is throttling this instance for "
+                                          f"{hold:.1f}s more; the call's deadline comes first.", retry_after=hold)
+                    waited = True
+                    self._cond.wait(hold + random.uniform(0, min(0.25, 0.05 * hold + 0.02)))
+                    continue
+                if self._active < (1 if self._probing else self._limit):
+                    self._active += 1
+                    self.waits += waited
+                    return
+                left = deadline.left()
+                if left <= 0:
+                    raise IntakeError("dynamics_throttled", "No Dataverse request slot of this instance freed within "
+                                      "the call's deadline.", retry_after=1.0)
+                self._cond.wait(left)
+
+    def leave(self, status: int, code: str | None = None, retry_after: float | None = None) -> None:
+        """Account for the answer: a 429 holds every thread; the concurrency code lowers the limit."""
+        with self._cond:
+            self._active -= 1
+            if status == 429:
+                wait = retry_after if retry_after is not None else 1.0
+                self._resume_at = max(self._resume_at, time.monotonic() + wait)
+                # Start low and ramp up again (Microsoft's advice): fewer requests meet the next 429, and the
+                # concurrency code says outright that there were too many at once.
+                self._limit = max(1, self._limit // 2 if code != CONCURRENCY_CODE else int(self._limit * 0.75))
+                self._successes = 0
+                # Sending into a window Dataverse already refused lengthens the wait: after the hold, one
+                # request probes; the others follow once it got through.
+                self._probing = True
+            elif status < 500:
+                self._probing = False
+                self._successes += 1
+                if self._successes >= self._limit and self._limit < self._ceiling:
+                    self._limit += 1
+                    self._successes = 0
+            self._cond.notify_all()
