@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -67,11 +69,13 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
         queue.send_message(json.dumps(event))
     env = {**os.environ, **si.settings_env(), "AzureWebJobsStorage": azurite_conn, "PYTHONPATH": str(ROOT)}
     env.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
+    # The workers' logs go to files: a pipe read only at the end fills up and blocks them.
+    logs = [tempfile.TemporaryFile("w+") for _ in range(instances)]
     started = time.monotonic()
     workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet_worker", "--seconds", str(timeout),
                                  "--queue-budget", str(regime.queue_budget), "--idle", "2"],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(instances)]
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+               for log in logs]
     drained_at = None
     deadline = started + timeout
     while time.monotonic() < deadline:
@@ -83,10 +87,15 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
             break
         time.sleep(0.1)
     reports = []
-    for w in workers:
-        out, err = w.communicate(timeout=max(deadline - time.monotonic(), 30))
+    deferred_by: Counter = Counter()
+    for w, log in zip(workers, logs, strict=True):
+        out, _ = w.communicate(timeout=max(deadline - time.monotonic(), 30))
+        log.seek(0)
+        err = log.read()
+        log.close()
         lines = [x for x in out.splitlines() if x.startswith("{")]
         reports.append(json.loads(lines[-1]) if lines else {"error": err[-500:]})
+        deferred_by.update(re.findall(r"message deferred: .* code=(\w+)", err))
     rows = [r for r in si.records("incidents") if r["title"].startswith(f"fleet-{run_id}-")]
     per_title = Counter(r["title"] for r in rows)
     poisoned = queue_client(azurite_conn, "cases-poison").get_queue_properties().approximate_message_count
@@ -111,7 +120,8 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
         "host_retries": sum(r.get("host_retries", 0) for r in reports),
         "created": len(per_title), "duplicated": sum(n - 1 for n in per_title.values()),
         "lost": messages - len(per_title), "poisoned": poisoned, "left_in_queue": left,
-        "affinity_cookies_sent": si.state.affinity_cookies, "workers": reports,
+        "affinity_cookies_sent": si.state.affinity_cookies, "deferred_by_code": dict(deferred_by),
+        "workers": reports,
     }
 
 

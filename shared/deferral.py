@@ -37,6 +37,7 @@ class Envelope:
     attempt: int  # deferrals so far
     reason: dict | None = None
     replayed_at: datetime | None = None
+    streak: int = 0  # deferrals in a row for a cause other than throttling: the back-off's exponent
 
     def age_hours(self, now: datetime) -> float:
         since = max(self.first_seen, self.replayed_at or self.first_seen)
@@ -69,7 +70,8 @@ def unwrap(raw: bytes, message_id: str, now: datetime | None = None) -> tuple[by
             if doc.get(MARKER) == 1 and isinstance(doc.get("body"), str) and isinstance(doc.get("key"), str) \
                     and first is not None:
                 return doc["body"].encode("utf-8"), Envelope(doc["key"], first, int(doc.get("attempt") or 0),
-                                                             doc.get("reason"), _time(doc.get("replayedAt")))
+                                                             doc.get("reason"), _time(doc.get("replayedAt")),
+                                                             int(doc.get("streak") or 0))
         except (ValueError, KeyError, TypeError):
             pass
     return raw, Envelope(message_id, now, 0)
@@ -77,20 +79,23 @@ def unwrap(raw: bytes, message_id: str, now: datetime | None = None) -> tuple[by
 
 def wrap(body: bytes, envelope: Envelope) -> str:
     doc = {MARKER: 1, "key": envelope.key, "firstSeen": envelope.first_seen.isoformat(),
-           "attempt": envelope.attempt, "reason": envelope.reason, "body": body.decode("utf-8")}
+           "attempt": envelope.attempt, "streak": envelope.streak, "reason": envelope.reason,
+           "body": body.decode("utf-8")}
     if envelope.replayed_at is not None:
         doc["replayedAt"] = envelope.replayed_at.isoformat()
     return json.dumps(doc)
 
 
-def delay_for(err: IntakeError, attempt: int) -> float:
-    """When the copy becomes visible: after Retry-After (plus jitter) for throttling, else a growing back-off."""
+def delay_for(err: IntakeError, streak: int) -> float:
+    """When the copy becomes visible: after Retry-After (plus jitter) for throttling, else a back-off that
+    grows with the deferrals in a row for such causes (`streak`), so one slow moment in a long throttled
+    burst does not cost minutes."""
     if err.code == "dynamics_throttled" and err.retry_after is not None:
         return min(err.retry_after + random.uniform(0.05, 0.3) + 0.05 * err.retry_after * random.random(), MAX_DELAY)
     if err.retry_after is not None:
-        base = max(err.retry_after, BACKOFF_BASE * 2 ** min(attempt, 10))
+        base = max(err.retry_after, BACKOFF_BASE * 2 ** min(streak - 1, 10))
     else:
-        base = BACKOFF_BASE * 2 ** min(attempt, 10)
+        base = BACKOFF_BASE * 2 ** min(streak - 1, 10)
     return min(base, BACKOFF_CAP) * random.uniform(0.75, 1.0)
 
 
@@ -113,7 +118,8 @@ def defer(queue: str, body: bytes, envelope: Envelope, err: IntakeError, max_hou
         poison(queue, body, envelope, err)
         return "poisoned", 0.0
     envelope.attempt += 1
-    delay = delay_for(err, envelope.attempt)
+    envelope.streak = 0 if err.code == "dynamics_throttled" else envelope.streak + 1
+    delay = delay_for(err, envelope.streak)
     storage.queue(queue).send_message(wrap(body, envelope), visibility_timeout=max(1, math.ceil(delay)))
     return "deferred", delay
 

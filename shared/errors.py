@@ -132,7 +132,8 @@ CODES: dict[str, Code] = {
         "(README, Deploy: the role needs create/read on cases, leads and contacts)."),
     "dynamics_throttled": Code(
         503, "Dataverse service protection limits are throttling this user (429).",
-        "Nothing to change: wait Retry-After seconds; lower host.json batchSize if it persists."),
+        "Nothing to change: send again after Retry-After (queue messages are deferred that long by themselves). "
+        "If it persists, the fleet asks more than the user's limits: see README, Scale."),
     "dynamics_unavailable": Code(
         503, "Dataverse answered a server error or did not answer within the call's deadline.",
         "Nothing to change: send it again after Retry-After (a keyed event cannot be created twice); queue messages "

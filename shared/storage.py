@@ -43,9 +43,12 @@ def queue(name: str) -> Any:
     with _lock:
         client = _clients.get(key)
         if client is None:
-            from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
+            from azure.storage.queue import ExponentialRetry, TextBase64DecodePolicy, TextBase64EncodePolicy
 
             # The host reads base64 (host.json messageEncoding); a service client's queues do not inherit it.
-            client = _clients[key] = service(retry_total=2, connection_timeout=5, read_timeout=10).get_queue_client(
+            # Retries within an invocation's time: the SDK's default first waits 15 s.
+            retry = ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=3)
+            account = service(retry_policy=retry, connection_timeout=5, read_timeout=10)
+            client = _clients[key] = account.get_queue_client(
                 name, message_encode_policy=TextBase64EncodePolicy(), message_decode_policy=TextBase64DecodePolicy())
         return client

@@ -5,9 +5,9 @@ while throttled lengthens the wait. So when Dataverse answers 429, every thread 
 its next request until Retry-After has passed (plus a little jitter, so the waiters do not wake as one
 herd), instead of each invocation discovering the limit on its own. The concurrency limit starts from
 INTAKE_DATAVERSE_CONCURRENCY, is capped by the x-ms-dop-hint Dataverse sends, shrinks on a 429 (by a
-quarter on the concurrency-limit code 0x80072326, by half on the others) and grows back by one after a
-limit's worth of successes. After a 429 the instance resumes with one probing request, and the
-others follow when it got through.
+quarter on the concurrency-limit code 0x80072326, by half on the others, once per throttle episode) and
+grows back by one after four limits' worth of successes. After a 429 the instance resumes with one
+probing request, and the others follow when it got through.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from shared.deadline import Deadline
 from shared.errors import IntakeError
 
 CONCURRENCY_CODE = "0x80072326"
+GROWTH = 4  # successes per unit of limit before it grows by one: slow, since more in flight only meets more 429s
 
 
 class Gate:
@@ -34,6 +35,8 @@ class Gate:
         self._successes = 0
         self._resume_at = 0.0
         self._probing = False  # after a 429: one request at a time until one gets through
+        self._episode_wait = 0.0  # Retry-After of the 429 that began this throttle episode
+        self._refusals = 0  # probes refused in a row in this episode
         self.waits = 0  # requests that waited out another request's 429 (for tests and telemetry)
 
     @property
@@ -76,10 +79,18 @@ class Gate:
             self._active -= 1
             if status == 429:
                 wait = retry_after if retry_after is not None else 1.0
-                self._resume_at = max(self._resume_at, time.monotonic() + wait)
-                # Start low and ramp up again (Microsoft's advice): fewer requests meet the next 429, and the
-                # concurrency code says outright that there were too many at once.
-                self._limit = max(1, self._limit // 2 if code != CONCURRENCY_CODE else int(self._limit * 0.75))
+                now = time.monotonic()
+                if not self._probing:  # once per throttle episode: the answers of requests already in flight
+                    # Start low and ramp up again (Microsoft's advice): fewer requests meet the next 429; the
+                    # concurrency code says outright that there were too many at once.
+                    self._limit = max(1, self._limit // 2 if code != CONCURRENCY_CODE else int(self._limit * 0.75))
+                    self._episode_wait, self._refusals = wait, 0
+                elif now >= self._resume_at:  # a probe refused: others (other instances) took the freed slots
+                    # Their sending lengthens everyone's wait; probing again after the few milliseconds
+                    # Retry-After now says would join them. Each refusal doubles a floor, up to the episode's wait.
+                    self._refusals += 1
+                    wait = max(wait, self._episode_wait * min(1.0, 0.1 * 2 ** self._refusals))
+                self._resume_at = max(self._resume_at, now + wait)
                 self._successes = 0
                 # Sending into a window Dataverse already refused lengthens the wait: after the hold, one
                 # request probes; the others follow once it got through.
@@ -87,7 +98,7 @@ class Gate:
             elif status < 500:
                 self._probing = False
                 self._successes += 1
-                if self._successes >= self._limit and self._limit < self._ceiling:
+                if self._successes >= GROWTH * self._limit and self._limit < self._ceiling:
                     self._limit += 1
                     self._successes = 0
             self._cond.notify_all()

@@ -53,13 +53,24 @@ class QueueHost:
         self.max_dequeue = max_dequeue_count or HOST_JSON["maxDequeueCount"]
         self.visibility = (_seconds(HOST_JSON["visibilityTimeout"]) if visibility_timeout is None
                            else visibility_timeout)
-        self.client = ensure(queue_client(conn_str, queue, binary=True))
-        self.poison = ensure(queue_client(conn_str, f"{queue}-poison"))
-        self.output = ensure(queue_client(conn_str, output_queue or f"{queue}-rejected"))
+        # The host retries its storage calls quickly; azure-storage-queue's default waits 15 s, then 18 s...
+        from azure.storage.queue import ExponentialRetry
+
+        fast = {"retry_policy": ExponentialRetry(initial_backoff=0.2, increment_base=2, retry_total=6)}
+        self.client = ensure(queue_client(conn_str, queue, binary=True, **fast))
+        self.poison = ensure(queue_client(conn_str, f"{queue}-poison", **fast))
+        self.output = ensure(queue_client(conn_str, output_queue or f"{queue}-rejected", **fast))
         self.stats = Stats()
         self._lock = threading.Lock()
 
     def _invoke(self, msg: Any) -> None:
+        try:
+            self._invoke_once(msg)
+        except Exception as exc:  # the host's own storage calls failed: recorded, the message stays invisible
+            with self._lock:
+                self.stats.errors.append("host: " + type(exc).__name__ + ": " + str(exc)[:200])
+
+    def _invoke_once(self, msg: Any) -> None:
         qm = QueueMessage(id=msg.id, body=msg.content, dequeue_count=msg.dequeue_count,
                                pop_receipt=msg.pop_receipt, insertion_time=msg.inserted_on,
                                expiration_time=msg.expires_on, time_next_visible=msg.next_visible_on)

@@ -75,7 +75,7 @@ def test_outage_defers_with_growing_backoff_not_poison(stack, storage_env, captu
     body = case(si)
     for attempt in range(3):
         raw = body if attempt == 0 else deferral.wrap(body, deferral.Envelope("m-priv", datetime.now(UTC),
-                                                                              attempt)).encode()
+                                                                              attempt, streak=attempt)).encode()
         CASES(QueueMessage(id=f"copy-{attempt}", body=raw, dequeue_count=1), Out(), Context())  # never raises
     delays = [int(re.search(r"delay=(\d+)s", t).group(1)) for t in captured_logs.texts if "message deferred" in t]
     assert len(delays) == 3 and delays[0] < delays[2] <= deferral.BACKOFF_CAP, delays
