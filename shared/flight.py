@@ -75,7 +75,3 @@ class Flights(Generic[T]):
             return future.result(timeout=max(deadline.left(), 0.0))
         except FutureTimeout:
             raise on_timeout() from None
-
-    def running(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._running

@@ -1,0 +1,65 @@
+"""The instance's throttle gate (shared/throttle.py), on its own: hold, probe, limit (issue 10)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from shared.deadline import Deadline
+from shared.errors import IntakeError
+from shared.throttle import Gate
+
+
+def test_a_429_holds_every_thread_until_retry_after():
+    gate = Gate(8)
+    gate.enter(Deadline(1))
+    gate.leave(429, "0x80072322", 0.4)
+    started = time.monotonic()
+    gate.enter(Deadline(5))  # another thread's next request waits out the same Retry-After
+    assert time.monotonic() - started >= 0.4
+    gate.leave(204)
+
+
+def test_a_hold_longer_than_the_deadline_is_refused_at_once_with_the_wait():
+    gate = Gate(8)
+    gate.enter(Deadline(1))
+    gate.leave(429, "0x80072322", 30)
+    started = time.monotonic()
+    with pytest.raises(IntakeError) as caught:
+        gate.enter(Deadline(2))
+    assert time.monotonic() - started < 0.2
+    assert caught.value.code == "dynamics_throttled" and caught.value.retry_after > 29
+
+
+def test_after_a_429_one_request_probes_and_the_others_follow_it():
+    gate = Gate(8)
+    gate.enter(Deadline(1))
+    gate.leave(429, "0x80072322", 0.05)
+    time.sleep(0.1)
+    gate.enter(Deadline(5))  # the probe
+    followed = threading.Event()
+
+    def other() -> None:
+        gate.enter(Deadline(5))
+        followed.set()
+        gate.leave(204)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert not followed.wait(0.3)  # nobody else sends while the probe is out
+    gate.leave(204)  # the probe got through
+    assert followed.wait(2)
+    t.join(2)
+
+
+def test_limit_halves_once_per_episode_and_dop_hint_caps_it():
+    gate = Gate(16)
+    for _ in range(3):  # three in-flight requests answered 429 in the same episode
+        gate.enter(Deadline(1))
+    for _ in range(3):
+        gate.leave(429, "0x80072322", 0.01)
+    assert gate.limit == 8
+    gate.hint(4)
+    assert gate.limit == 4
