@@ -55,6 +55,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def default(name: str) -> str:
+    """A setting's default, from the one list (for code that must go on while the settings are wrong)."""
+    return next(s.default or "" for s in SETTINGS if s.name == name)
+
+
 @dataclass(frozen=True)
 class Settings:
     dynamics_url: str

@@ -31,6 +31,13 @@ def fields(**values: Any) -> dict[str, Any]:
     return {f"{PREFIX}.{k}": v for k, v in values.items() if v is not None}
 
 
+def outcome_of(err: Any) -> str:
+    """The `intake.outcome` of a classified failure an invocation answers or sets aside."""
+    if err.code == "idempotency_conflict":
+        return "conflict"
+    return "rejected" if err.in_event else "failed"
+
+
 def strip_query(url: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))

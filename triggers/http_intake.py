@@ -30,12 +30,6 @@ def error_response(err: IntakeError, correlation_id: str) -> func.HttpResponse:
     return func.HttpResponse(json.dumps(body), status_code=err.status, mimetype=_JSON, headers=headers)
 
 
-def _outcome_of(err: IntakeError) -> str:
-    if err.code == "idempotency_conflict":
-        return "conflict"
-    return "rejected" if err.in_event else "failed"
-
-
 def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict], Event]) -> func.HttpResponse:
     started = time.perf_counter()
     deadline = Deadline(HTTP_BUDGET)
@@ -49,7 +43,7 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
             outcome = runtime.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
                                               budget=deadline)
         except IntakeError as err:
-            inv.ended(_outcome_of(err), code=err.code, record_id=err.record_id)
+            inv.ended(telemetry.outcome_of(err), code=err.code, record_id=err.record_id)
             log.warning("intake failed: invocation=%s entity=%s code=%s status=%s request_id=%s ms=%.0f",
                         invocation, entity, err.code, err.status, err.request_id or "-",
                         (time.perf_counter() - started) * 1000,

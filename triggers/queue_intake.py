@@ -17,6 +17,7 @@ from collections.abc import Callable
 import azure.functions as func
 
 from shared import deferral, runtime, storage, telemetry
+from shared import settings as settings_mod
 from shared.errors import IntakeError
 from shared.validation import Event, parse_case, parse_json, parse_lead
 
@@ -45,7 +46,7 @@ def _max_hours() -> float:
     try:
         return runtime.settings().deferral_max_hours
     except IntakeError:  # a wrong setting is itself a cause outside the message: defer it by the default
-        return 24.0
+        return float(settings_mod.default("INTAKE_DEFERRAL_MAX_HOURS"))
 
 
 def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context, queue: str,
@@ -63,12 +64,11 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
         except IntakeError as err:
             where.update(telemetry.fields(code=err.code, request_id=err.request_id, record_id=err.record_id))
             if err.in_event:
-                inv.ended("conflict" if err.code == "idempotency_conflict" else "rejected", code=err.code,
-                          record_id=err.record_id)
+                inv.ended(telemetry.outcome_of(err), code=err.code, record_id=err.record_id)
                 rejected.set(rejection(err, msg, queue, body))
                 log.warning("message rejected: invocation=%s queue=%s message_id=%s code=%s request_id=%s",
                             context.invocation_id, queue, envelope.key, err.code, err.request_id or "-",
-                            extra={**where, "intake.outcome": inv.outcome})
+                            extra={**where, **telemetry.fields(outcome=inv.outcome)})
                 return
             if not storage.configured():  # nowhere to defer to (a bare test harness): the host retries it
                 raise
@@ -78,12 +78,14 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
             log.warning("message %s: invocation=%s queue=%s message_id=%s attempt=%s code=%s delay=%.0fs "
                         "request_id=%s", result, context.invocation_id, queue, envelope.key, envelope.attempt,
                         err.code, delay, err.request_id or "-",
-                        extra={**where, "intake.outcome": result, "intake.deferral_reason": err.code})
+                        extra={**where, **telemetry.fields(outcome=result, deferral_reason=err.code)})
             return
         except Exception:  # nobody can classify it: set it aside now, with its key, instead of five blind tries
+            if not storage.configured():
+                raise
             inv.ended("poisoned", code="internal_error")
             log.exception("message poisoned: invocation=%s queue=%s message_id=%s", context.invocation_id, queue,
-                          envelope.key, extra={**where, "intake.outcome": "poisoned", "intake.code": "internal_error"})
+                          envelope.key, extra={**where, **telemetry.fields(outcome="poisoned", code="internal_error")})
             deferral.poison(queue, body, envelope, IntakeError("internal_error"))
             return
         inv.ended("created" if outcome.created else "existed", record_id=outcome.id)
