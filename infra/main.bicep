@@ -71,6 +71,12 @@ param intakeDataverseConcurrency string = ''
 @description('INTAKE_DEFERRAL_MAX_HOURS: how long a queue message may wait out throttling or an outage before it is set aside in <queue>-poison; empty means the default.')
 param intakeDeferralMaxHours string = ''
 
+@description('INTAKE_BATCH_SIZE: at most this many concurrent creates of one instance go to Dataverse as one $batch (1: no batching); empty means the default.')
+param intakeBatchSize string = ''
+
+@description('INTAKE_BATCH_WINDOW_MS: how long the first of concurrent creates waits for others to join its $batch; empty means the default.')
+param intakeBatchWindowMs string = ''
+
 @description('E-mail address that receives the alerts (poison, failures by code, sustained throttling); empty: no action group.')
 param alertEmail string = ''
 
@@ -85,6 +91,8 @@ var auth = empty(dynamicsAuth) ? 'secret' : dynamicsAuth
 var perInstance = max(1, dataverseConcurrencyBudget / maximumInstanceCount)
 var dataverseConcurrency = empty(intakeDataverseConcurrency) ? string(perInstance) : intakeDataverseConcurrency
 var deferralMaxHours = empty(intakeDeferralMaxHours) ? '24' : intakeDeferralMaxHours
+var batchSize = empty(intakeBatchSize) ? '10' : intakeBatchSize
+var batchWindowMs = empty(intakeBatchWindowMs) ? '20' : intakeBatchWindowMs
 // Key Vault is read in the secret and certificate modes only; the managed-identity modes need no vault role.
 var usesVault = (auth == 'secret') || (auth == 'certificate')
 var clientSecretName = empty(dynamicsClientSecretName) ? 'dynamics-client-secret' : dynamicsClientSecretName
@@ -191,6 +199,8 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     intakeDataverseConcurrency: dataverseConcurrency
     intakeDeferralMaxHours: deferralMaxHours
+    intakeBatchSize: batchSize
+    intakeBatchWindowMs: batchWindowMs
     queueBatchSize: min(32, perInstance)
     azureAuthorityHost: authorityHost
   }

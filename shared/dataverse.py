@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 
 from shared import telemetry
 from shared.auth import TokenSource
+from shared.batching import UNCLEAR, Answer, Gatherer, Op, decode, encode
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.settings import Settings
@@ -55,6 +56,15 @@ class Created:
     id: str
     created: bool
     request_id: str | None
+
+
+def _part_error(answer: Answer) -> tuple[str, str]:
+    """(code, message) of a $batch part's error body."""
+    try:
+        err = json.loads(answer.body.decode("utf-8")).get("error") or {}
+        return str(err.get("code") or ""), str(err.get("message") or "")[:500]
+    except (ValueError, AttributeError):
+        return "", ""
 
 
 def _error_of(resp: requests.Response) -> tuple[str, str]:
@@ -119,6 +129,8 @@ class DataverseClient:
         # keeping no cookie spreads the requests over all of them.
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.gate = Gate(concurrency or settings.dataverse_concurrency)
+        batch = settings.batch_size
+        self.batches = Gatherer(self._send_batch, settings.batch_window_ms / 1000, batch) if batch > 1 else None
         self.pool_size = size
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0)
         self.session.mount("https://", adapter)
@@ -132,9 +144,13 @@ class DataverseClient:
 
     def _fail(self, resp: requests.Response) -> IntakeError:
         code, message = _error_of(resp)
-        rid = resp.headers.get("x-ms-service-request-id")
+        return self._failure(resp.status_code, code, message, resp.headers.get("x-ms-service-request-id"),
+                             _retry_after(resp))
+
+    def _failure(self, status: int, code: str, message: str, rid: str | None,
+                 retry_after: float = DEFAULT_RETRY_AFTER) -> IntakeError:
+        """A Dataverse error answer (of a request or of one $batch part) as the app's classified error."""
         fix = self._settings.fix_args()
-        status = resp.status_code
         if status == 403:
             ours = _FORBIDDEN.get(code, "dynamics_error")
             if ours == "dynamics_app_user_missing" and self._settings.auth == "managed_identity":
@@ -146,7 +162,7 @@ class DataverseClient:
                                request_id=rid, upstream_code=code, fix_args=fix)
         if status == 429:
             return IntakeError("dynamics_throttled", f"Dataverse answered 429 {code}: {message}", request_id=rid,
-                               retry_after=_retry_after(resp), upstream_code=code or None, fix_args=fix)
+                               retry_after=retry_after, upstream_code=code or None, fix_args=fix)
         if status >= 500:
             return IntakeError("dynamics_unavailable", f"Dataverse answered {status} {code}".strip(), request_id=rid,
                                upstream_code=code or None, fix_args=fix)
@@ -183,7 +199,7 @@ class DataverseClient:
 
     def request(self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None,
                 params: dict[str, str] | None = None, budget: float | Deadline = 20.0,
-                ok: tuple[int, ...] = (200, 201, 204)) -> requests.Response:
+                ok: tuple[int, ...] = (200, 201, 204), data: bytes | None = None) -> requests.Response:
         """Send one logical request; return the response if its status is in `ok`, else raise IntakeError.
 
         Every request this client sends is safe to repeat (reads, and creates by id with If-None-Match: *),
@@ -191,7 +207,8 @@ class DataverseClient:
         `maybe_applied`: whether an attempt may have reached Dataverse without its answer reaching us.
         """
         deadline = Deadline.of(budget)
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        if data is None and body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
         base = _ODATA_HEADERS if data is None else _JSON_HEADERS
         send_headers = {**base, **headers} if headers else dict(base)
         url = self._base + path
@@ -266,19 +283,45 @@ class DataverseClient:
         Otherwise the id was generated for this call alone, and a 412 can only be this call's own earlier
         attempt, applied with its answer lost: the row is ours, created now.
         """
+        deadline = Deadline.of(budget)
+        path = f"{entity_set}({record_id})"
+        data = json.dumps(record, separators=(",", ":")).encode()
+        maybe_applied = False
         try:
-            resp = self.request("PATCH", f"{entity_set}({record_id})", body=record,
-                                headers={"If-None-Match": "*"}, budget=budget, ok=(200, 201, 204, 412))
+            if self.batches is not None:
+                got = self.batches.submit(Op(path, data), deadline)
+                if isinstance(got, Answer):
+                    rid = got.headers.get("x-ms-service-request-id") or None
+                    if got.status in (200, 201, 204, 412):
+                        return Created(record_id, got.status != 412 or not keyed, rid)
+                    code, message = _part_error(got)
+                    raise self._failure(got.status, code, message, rid)
+                maybe_applied = got is UNCLEAR  # resent alone below: safe, it is create-only
+            resp = self.request("PATCH", path, data=data, headers={"If-None-Match": "*"}, budget=deadline,
+                                ok=(200, 201, 204, 412))
         except IntakeError as err:
             err.record_id = record_id
-            if not keyed and getattr(err, "maybe_applied", False):
+            if not keyed and (maybe_applied or getattr(err, "maybe_applied", False)):
                 unknown = IntakeError("dynamics_outcome_unknown", f"{err.detail}; the row may exist as "
                                       f"{entity_set}({record_id}).", request_id=err.request_id,
                                       upstream_code=err.upstream_code, fix_args=err.fix_args, record_id=record_id)
                 raise unknown from None
             raise
+        finally:
+            if self.batches is not None:
+                self.batches.done()
         rid = resp.headers.get("x-ms-service-request-id")
         return Created(record_id, resp.status_code != 412 or not keyed, rid)
+
+    def _send_batch(self, ops: list[Op], deadline: Deadline) -> list[Answer]:
+        """One $batch of create-only parts, each answered on its own (continue-on-error)."""
+        body, content_type = encode(ops, self._base)
+        resp = self.request("POST", "$batch", data=body, budget=deadline, ok=(200,),
+                            headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"})
+        answers = decode(resp.headers.get("Content-Type") or "", resp.content)
+        rid = resp.headers.get("x-ms-service-request-id")
+        return [a if "x-ms-service-request-id" in a.headers else
+                Answer(a.status, {**a.headers, "x-ms-service-request-id": rid or ""}, a.body) for a in answers]
 
     def read(self, entity_set: str, record_id: str, columns: tuple[str, ...],
              budget: float | Deadline = 20.0) -> dict:

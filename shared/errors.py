@@ -167,6 +167,14 @@ class IntakeError(Exception):
         self.record_id = record_id  # the row this failure is about: the existing one, or one that may exist
         super().__init__(f"{code}: {self.detail}")
 
+    def copy(self) -> IntakeError:
+        """The same failure as a new object: for each of several callers that share one attempt's outcome."""
+        twin = IntakeError(self.code, self.detail, request_id=self.request_id, retry_after=self.retry_after,
+                           details=self.details, upstream_code=self.upstream_code, fix_args=dict(self.fix_args),
+                           record_id=self.record_id)
+        twin.__dict__.update({k: v for k, v in self.__dict__.items() if k not in twin.__dict__})
+        return twin
+
     @property
     def status(self) -> int:
         return self.spec.status

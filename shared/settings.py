@@ -51,6 +51,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(the fleet shares 52: instances x this stays within it; x-ms-dop-hint may lower it)"),
     Setting("INTAKE_DEFERRAL_MAX_HOURS", False, "24", "how long a queue message may be deferred for a cause outside "
             "it (throttling, an outage) before it is set aside in <queue>-poison"),
+    Setting("INTAKE_BATCH_SIZE", False, "10", "at most this many concurrent creates of one instance go to Dataverse "
+            "as one $batch request (1: every create alone)"),
+    Setting("INTAKE_BATCH_WINDOW_MS", False, "20", "how long the first of concurrent creates waits for others to "
+            "join its $batch (a create with nothing else in flight never waits)"),
     Setting("AZURE_AUTHORITY_HOST", False, None, "Entra ID authority host; default Microsoft's public cloud"),
 )
 
@@ -74,6 +78,8 @@ class Settings:
     identity_client_id: str | None = None  # AZURE_CLIENT_ID: the user-assigned managed identity, if any
     dataverse_concurrency: int = 24
     deferral_max_hours: float = 24.0
+    batch_size: int = 10
+    batch_window_ms: float = 20.0
 
     @property
     def api_base(self) -> str:
@@ -146,10 +152,12 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         if not _SECRET_NAME.match(raw[name] or ""):
             problems.append({"field": name, "problem": f"{name} must be 1-127 letters, digits and dashes"})
     numbers: dict[str, float] = {}
-    for name, low, high in (("INTAKE_DATAVERSE_CONCURRENCY", 1, 1000), ("INTAKE_DEFERRAL_MAX_HOURS", 0.01, 168)):
+    for name, low, high in (("INTAKE_DATAVERSE_CONCURRENCY", 1, 1000), ("INTAKE_DEFERRAL_MAX_HOURS", 0.01, 168),
+                            ("INTAKE_BATCH_SIZE", 1, 1000), ("INTAKE_BATCH_WINDOW_MS", 0, 1000)):
         try:
             numbers[name] = float(raw[name] or "")
-            if not low <= numbers[name] <= high or (name.endswith("CONCURRENCY") and not numbers[name].is_integer()):
+            whole = name.endswith(("CONCURRENCY", "SIZE"))
+            if not low <= numbers[name] <= high or (whole and not numbers[name].is_integer()):
                 raise ValueError
         except ValueError:
             problems.append({"field": name, "problem": f"{name} must be a number from {low} to {high}"})
@@ -167,4 +175,5 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                     certificate_name=raw["DYNAMICS_CLIENT_CERTIFICATE_NAME"],
                     identity_client_id=identity.lower() if identity else None,
                     dataverse_concurrency=int(numbers["INTAKE_DATAVERSE_CONCURRENCY"]),
-                    deferral_max_hours=numbers["INTAKE_DEFERRAL_MAX_HOURS"])
+                    deferral_max_hours=numbers["INTAKE_DEFERRAL_MAX_HOURS"],
+                    batch_size=int(numbers["INTAKE_BATCH_SIZE"]), batch_window_ms=numbers["INTAKE_BATCH_WINDOW_MS"])

@@ -25,6 +25,8 @@ param dynamicsClientCertificateName string
 param dynamicsApiVersion string
 param intakeDataverseConcurrency string
 param intakeDeferralMaxHours string
+param intakeBatchSize string
+param intakeBatchWindowMs string
 
 @description('Queue messages one instance takes at a time per queue function (batchSize; newBatchThreshold is half of it).')
 param queueBatchSize int = 8
@@ -176,6 +178,14 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'INTAKE_DEFERRAL_MAX_HOURS'
           value: intakeDeferralMaxHours
+        }
+        {
+          name: 'INTAKE_BATCH_SIZE'
+          value: intakeBatchSize
+        }
+        {
+          name: 'INTAKE_BATCH_WINDOW_MS'
+          value: intakeBatchWindowMs
         }
         // Per-instance queue concurrency, overriding host.json: instances x concurrency within the budget.
         {

@@ -129,7 +129,9 @@ def process(svc: Service, req: Request) -> Response:
                 fault = Fault("error", 429, "0x80072322", retry_after=left)
         protection = state.protection
         if svc.name == "dataverse" and protection is not None and fault is None and handler is not None:
-            verdict = protection.admit(inflight)
+            from .batch import count_parts
+
+            verdict = protection.admit(inflight, count_parts(req))
             if verdict is not None:
                 fault = Fault("error", 429, verdict[0], retry_after=verdict[1])
         if fault is not None and fault.kind == "error":

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import odata
 from .base import HttpError, Request, Response, Route, format_retry_after, json_response
+from .batch import run_batch
 from .entra import Directory
 from .schema import (
     EDM,
@@ -213,6 +214,8 @@ class DataverseService:
             return "whoami", self._only(m, "GET", self.whoami)
         if _PRIV_FN.fullmatch(rest):
             return "privilege", self._only(m, "GET", self.privilege)
+        if rest == "$batch":
+            return "batch", self._only(m, "POST", self.batch)
         sm = _SET.fullmatch(rest)
         if not sm or sm.group(1) not in self.org.entities:
             seg = rest.split("/")[0].split("(")[0]
@@ -398,6 +401,11 @@ class DataverseService:
             "@odata.context": f"{self.base}{API}/$metadata#Microsoft.Dynamics.CRM."
                               "RetrieveUserPrivilegeByPrivilegeNameResponse",
             "RolePrivileges": rows}, CT)
+
+    def batch(self, req: Request) -> Response:
+        """`$batch` (tools/standin/batch.py): each part through this service's own routes."""
+        self._caller(req)  # the batch as a whole is authenticated: 401 or 403 for all of it
+        return run_batch(self, req, API, dv_fail)
 
     def create(self, req: Request) -> Response:
         ctx = self._target(req)

@@ -264,11 +264,12 @@ class StandIn:
         self.state.throttle_until = time.monotonic() + float(seconds)
 
     def set_protection(self, window: float, max_requests: int, max_concurrent: int = 52, penalty: float = 0.0,
-                       dop_hint: int | None = None) -> Any:
+                       dop_hint: int | None = None, max_execution: float | None = None, cost: float = 0.0) -> Any:
         """Dataverse's service protection limits on a scaled clock (tools/standin/protection.py)."""
         from .protection import Protection
 
-        self.state.protection = Protection(window, max_requests, max_concurrent, penalty)
+        self.state.protection = Protection(window, max_requests, max_concurrent, penalty,
+                                           max_execution=max_execution, cost=cost)
         if dop_hint is not None:
             self.state.dop_hint = dop_hint
         return self.state.protection

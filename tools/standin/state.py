@@ -133,8 +133,11 @@ class Faults:
         with self._lock:
             return sum(r.remaining for r in self._rules)
 
-    def pick(self, service: str, method: str, path: str) -> Fault | None:
-        """First matching ``fail_next`` rule (FIFO) wins; otherwise one random draw against the rates."""
+    def pick(self, service: str, method: str, path: str, rates: bool = True) -> Fault | None:
+        """First matching ``fail_next`` rule (FIFO) wins; otherwise one random draw against the rates.
+
+        A $batch part meets the rules only: the rates draw once for the whole request.
+        """
         with self._lock:
             for rule in self._rules:
                 if rule.matches(service, method, path):
@@ -143,17 +146,17 @@ class Faults:
                     if rule.status == TIMEOUT_AFTER_APPLY:
                         return Fault("hold")
                     return Fault("error", int(rule.status), rule.code, rule.message, rule.retry_after)
-            rates = self._rates.get(service)
-            if rates is None:
+            r = self._rates.get(service) if rates else None
+            if r is None:
                 return None
             draw = self._rng.random()
-        if draw < rates.rate_429:
-            return Fault("error", 429, retry_after=rates.retry_after)
-        draw -= rates.rate_429
-        if draw < rates.rate_5xx:
-            return Fault("error", rates.status_5xx, retry_after=rates.retry_after)
-        draw -= rates.rate_5xx
-        if draw < rates.rate_timeout_after_apply and method.upper() != "GET":
+        if draw < r.rate_429:
+            return Fault("error", 429, retry_after=r.retry_after)
+        draw -= r.rate_429
+        if draw < r.rate_5xx:
+            return Fault("error", r.status_5xx, retry_after=r.retry_after)
+        draw -= r.rate_5xx
+        if draw < r.rate_timeout_after_apply and method.upper() != "GET":
             return Fault("hold")
         return None
 

@@ -1,0 +1,176 @@
+"""Creates gathered into one Dataverse `$batch`: fewer requests against the fleet's request budget.
+
+Dataverse counts a `$batch` as ONE request toward the 6000-per-window limit (its execution time is the
+sum of its parts'). With `Prefer: odata.continue-on-error` and each create in its own top-level part,
+every record gets its own answer (204 created, 412 already exists, 400 ...), so exactly-once holds as for
+a single create by id (platform-facts.md, bulk writes; CreateMultiple would roll back the whole request
+on one duplicate, UpsertMultiple does not say what it did per record).
+
+The creates that concurrent invocations of one instance are about to send are gathered for a short
+window (INTAKE_BATCH_WINDOW_MS) up to a bounded size (INTAKE_BATCH_SIZE): the first to arrive waits the
+window, the others join it, and each invocation gets its own part's answer. A create with nothing else
+in flight is sent alone at once (a quiet instance pays no window). Whatever is unclear (no answer for a
+part, a part answered 5xx or 429, a batch Dataverse refused as such) falls back to single creates by the
+same id, which is safe since every part is create-only.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Protocol
+
+from shared.deadline import Deadline
+from shared.errors import IntakeError
+
+
+@dataclass
+class Op:
+    """One create by id: `PATCH {entity_set}({record_id})` with If-None-Match: *."""
+
+    path: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One part's own response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Unsent:
+    """The op was not part of a batch that reached Dataverse: send it alone."""
+
+
+class Unclear:
+    """The op was sent in a batch whose answer for it is missing: it may exist; resend it alone (safe)."""
+
+
+UNSENT, UNCLEAR = Unsent(), Unclear()
+Result = Answer | Unsent | Unclear
+
+
+def encode(ops: list[Op], base: str) -> tuple[bytes, str]:
+    """A multipart/mixed $batch body: one top-level application/http part per create (no change sets)."""
+    boundary = f"batch_{uuid.uuid4()}"
+    out = bytearray()
+    for i, op in enumerate(ops, 1):
+        out += (f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+                f"Content-ID: {i}\r\n\r\nPATCH {base}{op.path} HTTP/1.1\r\n"
+                "Content-Type: application/json; charset=utf-8\r\nIf-None-Match: *\r\n\r\n").encode()
+        out += op.body + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/mixed; boundary={boundary}"
+
+
+def decode(content_type: str, body: bytes) -> list[Answer]:
+    """The parts of a $batch response, in order (ValueError when it is not a multipart answer)."""
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+                                              + body)
+    if not msg.is_multipart():
+        raise ValueError("the $batch answer is not multipart/mixed")
+    answers = []
+    for part in msg.iter_parts():
+        raw = part.get_payload(decode=True) or b""
+        head, _, content = raw.partition(b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n")
+        lines = head.decode("latin-1").splitlines()
+        if not lines or not lines[0].startswith("HTTP/"):
+            raise ValueError("a $batch part does not hold an HTTP response")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        answers.append(Answer(status, headers, content))
+    return answers
+
+
+class Sender(Protocol):
+    def __call__(self, ops: list[Op], deadline: Deadline) -> list[Answer]: ...
+
+
+@dataclass
+class _Batch:
+    ops: list[Op] = field(default_factory=list)
+    deadlines: list[Deadline] = field(default_factory=list)
+    full: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    results: list[Result] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class Gatherer:
+    """Thread-safe; one per DataverseClient (one per instance)."""
+
+    def __init__(self, send: Sender, window: float, size: int) -> None:
+        self._send = send
+        self._window = window
+        self._size = size
+        self._lock = threading.Lock()
+        self._open: _Batch | None = None
+        self._busy = 0  # creates of this instance now on their way to Dataverse
+        self.batches = 0  # batches sent, and the ops they carried (for the benchmark and tests)
+        self.batched = 0
+
+    def submit(self, op: Op, deadline: Deadline) -> Result:
+        """This op's answer from a batch, or UNSENT / UNCLEAR (send it alone). Raises the batch's IntakeError."""
+        with self._lock:
+            self._busy += 1
+            if self._busy == 1 and self._open is None:
+                return UNSENT  # nothing else in flight: no one to gather with, no window to pay
+            batch, lead = self._open, self._open is None
+            if batch is None:
+                batch = self._open = _Batch()
+            index = len(batch.ops)
+            batch.ops.append(op)
+            batch.deadlines.append(deadline)
+            if len(batch.ops) >= self._size:
+                self._open = None
+                batch.full.set()
+        if lead:
+            batch.full.wait(max(0.0, min(self._window, deadline.left())))
+            with self._lock:
+                if self._open is batch:
+                    self._open = None
+            self._run(batch)
+        elif not batch.done.wait(max(0.0, deadline.left())):
+            return UNCLEAR  # the batch is still out: it may yet create this op's row
+        if isinstance(batch.error, IntakeError):
+            raise batch.error.copy()  # each caller marks its own copy (record id) and raises it in its thread
+        if batch.error is not None:
+            raise batch.error
+        return batch.results[index]
+
+    def done(self) -> None:
+        """The caller's create has its outcome (whichever way it went)."""
+        with self._lock:
+            self._busy -= 1
+
+    def _run(self, batch: _Batch) -> None:
+        try:
+            if len(batch.ops) == 1:
+                batch.results = [UNSENT]
+                return
+            deadline = min(batch.deadlines, key=lambda d: d.left())
+            answers = self._send(batch.ops, deadline)
+            with self._lock:
+                self.batches += 1
+                self.batched += len(batch.ops)
+            # A part with no answer (the batch stopped) or answered 401 was not run; one answered 5xx or 429
+            # may have been: either way it is sent again alone, where the single path's rules apply.
+            results: list[Result] = [UNSENT if a.status == 401 else UNCLEAR if a.status >= 500 or a.status == 429
+                                     else a for a in answers[:len(batch.ops)]]
+            batch.results = results + [UNSENT] * (len(batch.ops) - len(results))
+        except ValueError:  # an answer that is not a $batch answer: the parts may have run
+            batch.results = [UNCLEAR] * len(batch.ops)
+        except BaseException as exc:  # noqa: BLE001 - handed to every op of the batch, then raised in each
+            batch.error = exc
+        finally:
+            batch.done.set()
