@@ -6,10 +6,14 @@ every record gets its own answer (204 created, 412 already exists, 400 ...), so 
 a single create by id (platform-facts.md, bulk writes; CreateMultiple would roll back the whole request
 on one duplicate, UpsertMultiple does not say what it did per record).
 
-The creates that concurrent invocations of one instance are about to send are gathered for a short
-window (INTAKE_BATCH_WINDOW_MS) up to a bounded size (INTAKE_BATCH_SIZE): the first to arrive waits the
-window, the others join it, and each invocation gets its own part's answer. A create with nothing else
-in flight is sent alone at once (a quiet instance pays no window). Whatever is unclear (no answer for a
+But Dataverse runs a batch's parts one after another: a batch of n takes n creates' time, so at the
+same concurrency batches drain slower than single creates (measured: bench/fleet.py, no limits). So
+batching is engaged only when Dataverse refuses requests for the request budget (0x80072322), the one
+limit it relieves, and its size grows from 2 while that goes on. Then the creates that concurrent
+invocations of one instance are about to send are gathered for a short window (INTAKE_BATCH_WINDOW_MS)
+up to that size (at most INTAKE_BATCH_SIZE): the first to arrive waits the window, the others join it,
+and each invocation gets its own part's answer. A create with nothing else in flight is sent alone at
+once (a quiet instance pays no window). Whatever is unclear (no answer for a
 part, a part answered 5xx or 429, a batch Dataverse refused as such) falls back to single creates by the
 same id, which is safe since every part is create-only.
 """
@@ -17,6 +21,7 @@ same id, which is safe since every part is create-only.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -53,6 +58,7 @@ class Unclear:
 
 
 UNSENT, UNCLEAR = Unsent(), Unclear()
+ENGAGED_FOR = 300.0  # seconds: Dataverse's service protection window (platform-facts.md)
 Result = Answer | Unsent | Unclear
 
 
@@ -112,19 +118,44 @@ class Gatherer:
     def __init__(self, send: Sender, window: float, size: int) -> None:
         self._send = send
         self._window = window
-        self._size = size
+        self._max = size
+        self._size = 1  # 1: off, every create alone
+        self._until = 0.0  # batching stays on until then (ENGAGED_FOR after the last request-count 429)
+        self._next_growth = 0.0
         self._lock = threading.Lock()
         self._open: _Batch | None = None
         self._busy = 0  # creates of this instance now on their way to Dataverse
         self.batches = 0  # batches sent, and the ops they carried (for the benchmark and tests)
         self.batched = 0
 
+    @property
+    def size(self) -> int:
+        """The size batches are gathered up to now (1: off)."""
+        return self._size
+
+    def engage(self, retry_after: float) -> None:
+        """Dataverse refused a request for the request budget (0x80072322): gather, or gather more.
+
+        Batches help only against that budget: a batch's parts run one after another, so a batch of n
+        takes n creates' time, and the execution-time budget counts every record anyway. So batching
+        starts at the first request-count 429, doubles its size at each later one (at most once per
+        Retry-After, up to INTAKE_BATCH_SIZE) and stops ENGAGED_FOR seconds after the last.
+        """
+        now = time.monotonic()
+        with self._lock:
+            self._until = now + ENGAGED_FOR
+            if now >= self._next_growth and self._size < self._max:
+                self._size = min(self._max, self._size * 2)
+                self._next_growth = now + max(retry_after, 0.1)
+
     def submit(self, op: Op, deadline: Deadline) -> Result:
         """This op's answer from a batch, or UNSENT / UNCLEAR (send it alone). Raises the batch's IntakeError."""
         with self._lock:
             self._busy += 1
-            if self._busy == 1 and self._open is None:
-                return UNSENT  # nothing else in flight: no one to gather with, no window to pay
+            if self._size > 1 and time.monotonic() >= self._until:
+                self._size = 1  # the storm is over: every create alone again, at full parallelism
+            if self._size < 2 or (self._busy == 1 and self._open is None):
+                return UNSENT  # off, or nothing else in flight: no one to gather with, no window to pay
             batch, lead = self._open, self._open is None
             if batch is None:
                 batch = self._open = _Batch()

@@ -38,6 +38,7 @@ _JSON_HEADERS = {**_ODATA_HEADERS, "Content-Type": "application/json; charset=ut
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)\s*$")
 _FORBIDDEN = {"0x80072560": "dynamics_app_user_missing", "0x80040225": "dynamics_app_user_disabled",
               "0x80040220": "dynamics_privilege_missing"}
+REQUEST_BUDGET_CODE = "0x80072322"  # the number of requests per window: the limit a $batch relieves
 MAX_ATTEMPTS = 4  # tries that met an error other than throttling
 THROTTLE_ATTEMPTS = 16  # tries that met a 429, each after the gate held it for Retry-After
 
@@ -189,6 +190,8 @@ class DataverseClient:
             code, _ = _error_of(resp)
             telemetry.get().throttled(code or None)
             self.gate.leave(429, code or None, _retry_after(resp))
+            if code == REQUEST_BUDGET_CODE and self.batches is not None:
+                self.batches.engage(_retry_after(resp))
         else:
             self.gate.leave(resp.status_code)
 

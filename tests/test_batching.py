@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,9 +50,14 @@ def case(si, i: int, **extra) -> dict:
     return {"title": f"batched {i}", "customer": {"contactId": si.seed_contact_id}, **extra}
 
 
-def warm(si) -> None:
-    """Token and connection first, so the burst's creates arrive together."""
+def warm(si, engage: bool = True) -> None:
+    """Token and connection first, so the burst's creates arrive together; then, as in a storm, Dataverse
+    refuses one request for the request budget, which engages batching."""
     runtime.intake().submit(parse_case(case(si, -1)))
+    if engage:
+        si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.2, method="PATCH")
+        runtime.intake().submit(parse_case(case(si, -2)))
+        assert runtime.intake().client.batches.size == 2
 
 
 def test_concurrent_creates_share_few_requests_and_each_gets_its_own_outcome(stack):
@@ -65,7 +71,8 @@ def test_concurrent_creates_share_few_requests_and_each_gets_its_own_outcome(sta
     events.append({**case(si, 99), "attributes": {"new_nosuchcolumn": "x"}})  # Dataverse refuses this one
     results = burst(si, events)
     batches = count(si, "POST", "batch") - batches_before
-    assert 1 <= batches <= 3  # ten creates arrived together: a few requests, not ten
+    assert 1 <= batches <= N // 2  # ten creates arrived together: batches of two, not ten requests
+    assert count(si, "PATCH", "patch") >= N  # each part counted as the create it holds
     assert all(not isinstance(r, IntakeError) for r in results[:-1]), results
     assert [r.created for r in results[:-2]] == [True] * (N - 3)
     assert results[-2].id == existing and results[-2].created is False
@@ -73,7 +80,7 @@ def test_concurrent_creates_share_few_requests_and_each_gets_its_own_outcome(sta
     assert results[-1].upstream_code == "0x80048d19"
     titles = [r["title"] for r in si.records("incidents")]
     assert sorted(titles) == sorted({*titles})  # exactly one row per event
-    assert len(titles) == 1 + 1 + (N - 3)  # warm-up, seen-before, and the new ones
+    assert len(titles) == 2 + 1 + (N - 3)  # warm-up, seen-before, and the new ones
 
 
 def test_a_lone_create_is_sent_alone(stack):
@@ -83,6 +90,36 @@ def test_a_lone_create_is_sent_alone(stack):
         runtime.intake().submit(parse_case(case(si, i)))
     assert count(si, "POST", "batch") == 0
     assert runtime.intake().client.batches.batches == 0
+
+
+def test_batching_engages_only_on_the_request_budget_and_ends_after_the_window(stack, monkeypatch):
+    """Batches relieve the request budget only; their parts run in order, so otherwise creates go alone."""
+    from shared import batching
+
+    si = stack.si
+    warm(si, engage=False)
+    gatherer = runtime.intake().client.batches
+    burst(si, [case(si, i) for i in range(N)])
+    assert gatherer.size == 1 and count(si, "POST", "batch") == 0  # no throttling: every create alone
+    si.fail_next("dataverse", 1, 429, code="0x80072321", retry_after=0.1, method="PATCH")
+    runtime.intake().submit(parse_case(case(si, 20)))
+    assert gatherer.size == 1  # the execution-time budget counts every record: a batch would not help
+    si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.1, method="PATCH")
+    runtime.intake().submit(parse_case(case(si, 21)))
+    assert gatherer.size == 2
+    burst(si, [case(si, 30 + i) for i in range(N)])
+    assert count(si, "POST", "batch") >= 1
+    time.sleep(0.15)
+    si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.1, method="PATCH")
+    runtime.intake().submit(parse_case(case(si, 22)))
+    assert gatherer.size == 4  # refused again after a Retry-After: bigger batches
+    monkeypatch.setattr(batching, "ENGAGED_FOR", 0.0)
+    si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.1, method="PATCH")
+    runtime.intake().submit(parse_case(case(si, 23)))
+    before = count(si, "POST", "batch")
+    burst(si, [case(si, 50 + i) for i in range(N)])
+    assert gatherer.size == 1 and count(si, "POST", "batch") == before  # the storm is over: alone again
+    assert len(si.records("incidents")) == 1 + 3 * N + 4
 
 
 def test_a_part_answered_503_falls_back_to_a_single_create(stack):
@@ -95,7 +132,7 @@ def test_a_part_answered_503_falls_back_to_a_single_create(stack):
     statuses = [s for svc, m, p, s in si.request_log if svc == "dataverse" and m == "PATCH" and "incidents(" in p]
     assert 503 in statuses  # the part did fail, and was sent again alone
     assert sorted(r["title"] for r in si.records("incidents")) == sorted(
-        ["batched -1", *(f"batched {i}" for i in range(N))])
+        ["batched -1", "batched -2", *(f"batched {i}" for i in range(N))])
 
 
 def test_a_batch_whose_answer_is_lost_creates_each_row_once(stack):
@@ -107,7 +144,7 @@ def test_a_batch_whose_answer_is_lost_creates_each_row_once(stack):
     assert all(not isinstance(r, IntakeError) for r in results), results
     assert all(r.created for r in results[:N])  # un-keyed: the 412 on resending is this call's own row
     titles = [r["title"] for r in si.records("incidents")]
-    assert len(titles) == len(set(titles)) == 1 + N + 4
+    assert len(titles) == len(set(titles)) == 2 + N + 4
 
 
 def test_a_throttled_batch_waits_retry_after_then_goes_through(stack):
@@ -116,7 +153,7 @@ def test_a_throttled_batch_waits_retry_after_then_goes_through(stack):
     si.fail_next("dataverse", 1, 429, code="0x80072321", retry_after=0.5, method="POST", path_contains="$batch")
     results = burst(si, [case(si, i) for i in range(N)])
     assert all(not isinstance(r, IntakeError) for r in results), results
-    assert len(si.records("incidents")) == 1 + N
+    assert len(si.records("incidents")) == 2 + N
     assert runtime.intake().client.gate.waits >= 1  # the instance held its requests for Retry-After
 
 
