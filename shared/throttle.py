@@ -4,10 +4,11 @@ Dataverse's service protection limits count the application user across the whol
 while throttled lengthens the wait. So when Dataverse answers 429, every thread of the instance holds
 its next request until Retry-After has passed (plus a little jitter, so the waiters do not wake as one
 herd), instead of each invocation discovering the limit on its own. The concurrency limit starts from
-INTAKE_DATAVERSE_CONCURRENCY, is capped by the x-ms-dop-hint Dataverse sends, shrinks on a 429 (by a
-quarter on the concurrency-limit code 0x80072326, by half on the others, once per throttle episode) and
-grows back by one after four limits' worth of successes. After a 429 the instance resumes with one
-probing request, and the others follow when it got through.
+INTAKE_DATAVERSE_CONCURRENCY, is capped by the x-ms-dop-hint Dataverse sends, shrinks once per throttle
+episode (by a quarter on the concurrency-limit code 0x80072326, by half on the execution-time code and
+others; not on the request budget 0x80072322, a count that only the hold answers) and grows back by one
+after four limits' worth of successes. After a 429 the instance resumes with one probing request, and
+the others follow when it got through; a probe refused again waits longer each time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from shared.deadline import Deadline
 from shared.errors import IntakeError
 
 CONCURRENCY_CODE = "0x80072326"
+REQUEST_BUDGET_CODE = "0x80072322"
+PROBE_BACKOFF = 0.05  # seconds, doubled per refused probe in one throttle episode...
+PROBE_BACKOFF_CAP = 30.0  # ...up to this
 GROWTH = 4  # successes per unit of limit before it grows by one: slow, since more in flight only meets more 429s
 
 
@@ -81,15 +85,20 @@ class Gate:
                 wait = retry_after if retry_after is not None else 1.0
                 now = time.monotonic()
                 if not self._probing:  # once per throttle episode: the answers of requests already in flight
-                    # Start low and ramp up again (Microsoft's advice): fewer requests meet the next 429; the
-                    # concurrency code says outright that there were too many at once.
-                    self._limit = max(1, self._limit // 2 if code != CONCURRENCY_CODE else int(self._limit * 0.75))
+                    # The concurrency code says outright that there were too many at once, and execution time
+                    # is concurrency times duration: fewer at once. The request budget is a count per window:
+                    # the hold is the answer, and fewer at once after it would only drain slower.
+                    if code != REQUEST_BUDGET_CODE:
+                        self._limit = max(1, int(self._limit * 0.75) if code == CONCURRENCY_CODE else self._limit // 2)
                     self._episode_wait, self._refusals = wait, 0
                 elif now >= self._resume_at:  # a probe refused: others (other instances) took the freed slots
                     # Their sending lengthens everyone's wait; probing again after the few milliseconds
-                    # Retry-After now says would join them. Each refusal doubles a floor, up to the episode's wait.
+                    # Retry-After now says would join them. Each refusal doubles a floor, up to the episode's
+                    # wait, and doubles an absolute one: instances that each probe again at the Retry-After
+                    # they were given would otherwise keep the throttle alive between them.
                     self._refusals += 1
-                    wait = max(wait, self._episode_wait * min(1.0, 0.1 * 2 ** self._refusals))
+                    wait = max(wait, self._episode_wait * min(1.0, 0.1 * 2 ** self._refusals),
+                               min(PROBE_BACKOFF_CAP, PROBE_BACKOFF * 2 ** self._refusals))
                 self._resume_at = max(self._resume_at, now + wait)
                 self._successes = 0
                 # Sending into a window Dataverse already refused lengthens the wait: after the hold, one

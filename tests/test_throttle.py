@@ -59,7 +59,37 @@ def test_limit_halves_once_per_episode_and_dop_hint_caps_it():
     for _ in range(3):  # three in-flight requests answered 429 in the same episode
         gate.enter(Deadline(1))
     for _ in range(3):
-        gate.leave(429, "0x80072322", 0.01)
+        gate.leave(429, "0x80072321", 0.01)  # the execution-time budget: concurrency x duration
     assert gate.limit == 8
     gate.hint(4)
     assert gate.limit == 4
+
+
+def test_the_request_budget_holds_but_keeps_the_limit():
+    """0x80072322 counts requests per window: the hold answers it; fewer at once would only drain slower."""
+    gate = Gate(16)
+    gate.enter(Deadline(1))
+    gate.leave(429, "0x80072322", 0.01)
+    assert gate.limit == 16
+    time.sleep(0.05)
+    gate.enter(Deadline(1))
+    gate.leave(204)  # the probe got through: the episode is over
+    gate.enter(Deadline(1))
+    gate.leave(429, "0x80072326", 0.01)  # a new one, on the concurrency limit: a quarter less
+    assert gate.limit == 12
+
+
+def test_probes_refused_again_and_again_back_off_beyond_retry_after():
+    """Instances that each probe at the short Retry-After they were given would keep a throttle alive."""
+    gate = Gate(4)
+    gate.enter(Deadline(1))
+    gate.leave(429, "0x80072321", 0.001)  # the episode begins with a tiny Retry-After
+    waits = []
+    for _ in range(4):
+        time.sleep(max(0.0, gate._resume_at - time.monotonic()) + 0.001)
+        gate.enter(Deadline(5))  # the probe
+        now = time.monotonic()
+        gate.leave(429, "0x80072321", 0.001)  # refused, again a tiny Retry-After
+        waits.append(gate._resume_at - now)
+    assert all(b > a for a, b in zip(waits, waits[1:], strict=False)), waits  # each refusal waits longer
+    assert waits[-1] >= 0.5

@@ -27,6 +27,7 @@ class Stats:
     throttled: dict[str, int] = field(default_factory=dict)
     peak_concurrency: int = 0
     sent_while_throttled: int = 0
+    timeline: list[tuple[float, int, str]] = field(default_factory=list)  # (monotonic, records, "" or 429 code)
 
 
 class Protection:
@@ -73,6 +74,7 @@ class Protection:
             self._spent += charge
             self.stats.admitted += 1
             self.stats.records += records
+            self.stats.timeline.append((now, records, ""))
             return None
 
     def _frees_execution(self) -> float:
@@ -86,4 +88,5 @@ class Protection:
 
     def _throttle(self, code: str, retry_after: float) -> tuple[str, float]:
         self.stats.throttled[code] = self.stats.throttled.get(code, 0) + 1
+        self.stats.timeline.append((time.monotonic(), 0, f"{code} {retry_after:.3f}"))
         return code, max(retry_after, 0.001)
