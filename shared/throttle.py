@@ -8,7 +8,9 @@ INTAKE_DATAVERSE_CONCURRENCY, is capped by the x-ms-dop-hint Dataverse sends, sh
 episode (by a quarter on the concurrency-limit code 0x80072326, by half on the execution-time code and
 others; not on the request budget 0x80072322, a count that only the hold answers) and grows back by one
 after four limits' worth of successes. After a 429 the instance resumes with one probing request, and
-the others follow when it got through; a probe refused again waits longer each time.
+the others follow when it got through; a probe refused again waits longer each time, and a throttle
+that recurs soon after the last one ended is held twice as long as that one (at most ESCALATION_CAP
+beyond Retry-After), since a sliding window that frees a sliver at a time costs a 429 per sliver.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ CONCURRENCY_CODE = "0x80072326"
 REQUEST_BUDGET_CODE = "0x80072322"
 PROBE_BACKOFF = 0.05  # seconds, doubled per refused probe in one throttle episode...
 PROBE_BACKOFF_CAP = 30.0  # ...up to this
+ESCALATION_CAP = 1.0  # seconds: the most a recurring throttle's hold is raised beyond its Retry-After
 GROWTH = 4  # successes per unit of limit before it grows by one: slow, since more in flight only meets more 429s
 
 
@@ -41,6 +44,8 @@ class Gate:
         self._probing = False  # after a 429: one request at a time until one gets through
         self._episode_wait = 0.0  # Retry-After of the 429 that began this throttle episode
         self._refusals = 0  # probes refused in a row in this episode
+        self._episode_end = -1e9  # when the last episode's probe got through
+        self._last_hold = 0.0  # the hold that began the last episode
         self.waits = 0  # requests that waited out another request's 429 (for tests and telemetry)
 
     @property
@@ -90,7 +95,12 @@ class Gate:
                     # the hold is the answer, and fewer at once after it would only drain slower.
                     if code != REQUEST_BUDGET_CODE:
                         self._limit = max(1, int(self._limit * 0.75) if code == CONCURRENCY_CODE else self._limit // 2)
-                    self._episode_wait, self._refusals = wait, 0
+                    if now - self._episode_end < max(1.0, 4 * self._last_hold):
+                        # Throttled again soon after the last episode ended: the window frees a sliver at a
+                        # time, and each sliver costs a 429. Holding twice as long as last time lets a larger
+                        # share free (a sliding window keeps what is not used), sent in one go.
+                        wait = max(wait, min(ESCALATION_CAP, 2 * self._last_hold))
+                    self._episode_wait, self._refusals, self._last_hold = wait, 0, wait
                 elif now >= self._resume_at:  # a probe refused: others (other instances) took the freed slots
                     # Their sending lengthens everyone's wait; probing again after the few milliseconds
                     # Retry-After now says would join them. Each refusal doubles a floor, up to the episode's
@@ -105,6 +115,8 @@ class Gate:
                 # request probes; the others follow once it got through.
                 self._probing = True
             elif status < 500:
+                if self._probing:
+                    self._episode_end = time.monotonic()
                 self._probing = False
                 self._successes += 1
                 if self._successes >= GROWTH * self._limit and self._limit < self._ceiling:

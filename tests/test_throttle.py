@@ -93,3 +93,30 @@ def test_probes_refused_again_and_again_back_off_beyond_retry_after():
         waits.append(gate._resume_at - now)
     assert all(b > a for a, b in zip(waits, waits[1:], strict=False)), waits  # each refusal waits longer
     assert waits[-1] >= 0.5
+
+
+def test_a_throttle_that_recurs_soon_holds_longer_within_a_cap():
+    """A sliding window frees a sliver at a time: recurring episodes wait longer, so more frees per 429."""
+    gate = Gate(4)
+    holds = []
+    for _ in range(6):
+        gate.enter(Deadline(5))
+        now = time.monotonic()
+        gate.leave(429, "0x80072321", 0.02)  # a new episode, each with the same tiny Retry-After
+        holds.append(gate._resume_at - now)
+        time.sleep(max(0.0, gate._resume_at - time.monotonic()) + 0.001)
+        gate.enter(Deadline(5))
+        gate.leave(204)  # the probe got through: the episode ends
+    assert holds[0] < 0.05
+    assert all(b >= min(1.0, 1.9 * a) for a, b in zip(holds, holds[1:], strict=False)), holds
+    assert max(holds) <= 1.0 + 0.01  # never more than the cap beyond what Dataverse asked
+    fresh = Gate(4)
+    for pause in (0.0, 1.05):  # the second episode begins long after the first ended: a new story
+        time.sleep(pause)
+        fresh.enter(Deadline(5))
+        now = time.monotonic()
+        fresh.leave(429, "0x80072321", 0.02)
+        assert fresh._resume_at - now < 0.05
+        time.sleep(0.03)
+        fresh.enter(Deadline(5))
+        fresh.leave(204)
