@@ -24,8 +24,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from email.parser import BytesParser
-from email.policy import HTTP
 from typing import Protocol
 
 from shared.deadline import Deadline
@@ -77,6 +75,9 @@ def encode(ops: list[Op], base: str) -> tuple[bytes, str]:
 
 def decode(content_type: str, body: bytes) -> list[Answer]:
     """The parts of a $batch response, in order (ValueError when it is not a multipart answer)."""
+    from email.parser import BytesParser  # here: only a throttled instance batches (cold start)
+    from email.policy import HTTP
+
     msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
                                               + body)
     if not msg.is_multipart():
