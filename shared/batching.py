@@ -13,9 +13,9 @@ limit it relieves, and its size grows from 2 while that goes on. Then the create
 invocations of one instance are about to send are gathered for a short window (INTAKE_BATCH_WINDOW_MS)
 up to that size (at most INTAKE_BATCH_SIZE): the first to arrive waits the window, the others join it,
 and each invocation gets its own part's answer. A create with nothing else in flight is sent alone at
-once (a quiet instance pays no window). Whatever is unclear (no answer for a
-part, a part answered 5xx or 429, a batch Dataverse refused as such) falls back to single creates by the
-same id, which is safe since every part is create-only.
+once (a quiet instance pays no window). Whatever is unclear (no answer for a part, a part answered 5xx
+or 429, an answer lost or unreadable) falls back to single creates by the same id, which is safe since
+every part is create-only.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from shared.batching import UNCLEAR, Answer, Gatherer, Op, decode, encode
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.settings import Settings
-from shared.throttle import Gate
+from shared.throttle import REQUEST_BUDGET_CODE, Gate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ _JSON_HEADERS = {**_ODATA_HEADERS, "Content-Type": "application/json; charset=ut
 _ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)\s*$")
 _FORBIDDEN = {"0x80072560": "dynamics_app_user_missing", "0x80040225": "dynamics_app_user_disabled",
               "0x80040220": "dynamics_privilege_missing"}
-REQUEST_BUDGET_CODE = "0x80072322"  # the number of requests per window: the limit a $batch relieves
 MAX_ATTEMPTS = 4  # tries that met an error other than throttling
 THROTTLE_ATTEMPTS = 16  # tries that met a 429, each after the gate held it for Retry-After
 
@@ -59,21 +58,17 @@ class Created:
     request_id: str | None
 
 
-def _part_error(answer: Answer) -> tuple[str, str]:
-    """(code, message) of a $batch part's error body."""
+def _error_in(body: bytes) -> tuple[str, str]:
+    """(code, message) of a Dataverse error body, of a response or of one $batch part."""
     try:
-        err = json.loads(answer.body.decode("utf-8")).get("error") or {}
+        err = json.loads(body.decode("utf-8")).get("error") or {}
         return str(err.get("code") or ""), str(err.get("message") or "")[:500]
     except (ValueError, AttributeError):
         return "", ""
 
 
 def _error_of(resp: requests.Response) -> tuple[str, str]:
-    try:
-        err = resp.json().get("error") or {}
-        return str(err.get("code") or ""), str(err.get("message") or "")[:500]
-    except (ValueError, AttributeError):
-        return "", ""
+    return _error_in(resp.content)
 
 
 DEFAULT_RETRY_AFTER = 1.0
@@ -297,7 +292,7 @@ class DataverseClient:
                     rid = got.headers.get("x-ms-service-request-id") or None
                     if got.status in (200, 201, 204, 412):
                         return Created(record_id, got.status != 412 or not keyed, rid)
-                    code, message = _part_error(got)
+                    code, message = _error_in(got.body)
                     raise self._failure(got.status, code, message, rid)
                 maybe_applied = got is UNCLEAR  # resent alone below: safe, it is create-only
             resp = self.request("PATCH", path, data=data, headers={"If-None-Match": "*"}, budget=deadline,

@@ -23,7 +23,7 @@ from shared.deadline import Deadline
 from shared.errors import IntakeError
 
 CONCURRENCY_CODE = "0x80072326"
-REQUEST_BUDGET_CODE = "0x80072322"
+REQUEST_BUDGET_CODE = "0x80072322"  # requests per window: a count the hold answers (and a $batch relieves)
 PROBE_BACKOFF = 0.05  # seconds, doubled per refused probe in one throttle episode...
 PROBE_BACKOFF_CAP = 30.0  # ...up to this
 ESCALATION_CAP = 1.0  # seconds: the most a recurring throttle's hold is raised beyond its Retry-After

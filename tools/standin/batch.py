@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .base import HttpError, Request, Response, bug_response
+from .state import Fault
 
 MAX_PARTS = 1000
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -104,9 +105,7 @@ def encode_response(parts: list[Response]) -> Response:
     return Response(200, body, [("Content-Type", f"multipart/mixed; boundary={boundary}")])
 
 
-def _nested() -> Any:
-    from .state import Fault
-
+def _nested() -> Fault:
     return Fault("error", 400, "0x80048d19", "A batch cannot contain another batch.")
 
 
