@@ -17,8 +17,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Generic, TypeVar
 
 from shared.deadline import Deadline
+from shared.errors import IntakeError
 
 T = TypeVar("T")
+
+
+def _own(exc: BaseException) -> BaseException:
+    """Each waiter's own copy of a shared failure: callers mark theirs (a record id) in their own thread."""
+    return exc.copy() if isinstance(exc, IntakeError) else exc
 
 
 class Flights(Generic[T]):
@@ -64,7 +70,7 @@ class Flights(Generic[T]):
             failed = self._failed.get(key)
             if failed is not None:
                 if time.monotonic() < failed[1]:
-                    raise failed[0]
+                    raise _own(failed[0])
                 del self._failed[key]
             return self._start(key, fn)
 
@@ -75,3 +81,5 @@ class Flights(Generic[T]):
             return future.result(timeout=max(deadline.left(), 0.0))
         except FutureTimeout:
             raise on_timeout() from None
+        except IntakeError as err:
+            raise _own(err) from None

@@ -17,6 +17,7 @@ import pytest
 from azure.functions.queue import QueueMessage
 
 from shared import runtime
+from shared.intake import record_id
 from tests.hostsim import Context, Out
 from triggers import http_intake, ops, queue_intake
 
@@ -214,6 +215,24 @@ def test_entra_outage_after_revocation_answers_every_concurrent_call_within_the_
     assert took[-1] - took[0] < 2.0, took  # they share one failed attempt instead of queueing for twelve
     attempts = si.counts["entra"].get(("POST", "token"), 0) - tokens_before
     assert attempts <= 3, attempts  # one acquisition's requests (azure-core retries 503 twice), not 36
+
+
+def test_callers_sharing_one_failed_attempt_each_get_their_own_record_id(stack):
+    """One failure shared by waiting callers is each caller's own copy: no answer names another's row."""
+    si = stack.si
+    assert stack.call(CASE, body=a_case(si))[0] == 201
+    si.revoke_tokens()
+    si.fail_next("entra", 500, 503)
+    barrier = threading.Barrier(12, timeout=20)
+
+    def one(i: int) -> tuple[str, str | None]:
+        barrier.wait()
+        _, body, _ = stack.call(CASE, body=a_case(si, externalId=f"own-{i}", source="t"))
+        return record_id("incident", "t", f"own-{i}"), body["error"].get("recordId")
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12), timeout=60))
+    assert all(got in (None, own) for own, got in results), results
 
 
 def test_an_unrelated_caller_does_not_wait_behind_another_caller_s_throttled_lookup(stack):
