@@ -317,6 +317,7 @@ class DataverseClient:
         resp = self.request("POST", "$batch", data=body, budget=deadline, ok=(200,),
                             headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"})
         answers = decode(resp.headers.get("Content-Type") or "", resp.content)
+        telemetry.get().batched(len(ops))
         rid = resp.headers.get("x-ms-service-request-id")
         return [a if "x-ms-service-request-id" in a.headers else
                 Answer(a.status, {**a.headers, "x-ms-service-request-id": rid or ""}, a.body) for a in answers]

@@ -79,6 +79,9 @@ class _Off:
     def throttled(self, code: str | None) -> None:
         pass
 
+    def batched(self, records: int) -> None:
+        pass
+
     def observe_concurrency(self, read: Callable[[], int]) -> None:
         pass
 
@@ -103,6 +106,8 @@ class _On:
                                                 description="Invocation duration by trigger and entity")
         self._throttled = meter.create_counter(f"{PREFIX}.dataverse.throttled", unit="{response}",
                                                description="Dataverse 429 answers")
+        self._batch = meter.create_histogram(f"{PREFIX}.dataverse.batch_records", unit="{record}",
+                                             description="Records per Dataverse $batch request (batching engaged)")
         self._concurrency: list[Callable[[], int]] = []
         meter.create_observable_gauge(f"{PREFIX}.dataverse.concurrency_limit", callbacks=[self._observe],
                                       description="This instance's limit of concurrent Dataverse requests")
@@ -131,6 +136,9 @@ class _On:
 
     def throttled(self, code: str | None) -> None:
         self._throttled.add(1, {f"{PREFIX}.code": code or ""})
+
+    def batched(self, records: int) -> None:
+        self._batch.record(records)
 
     def observe_concurrency(self, read: Callable[[], int]) -> None:
         self._concurrency[:] = [read]  # the instance's one client (a reset replaces it)
