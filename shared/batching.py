@@ -23,8 +23,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from shared.deadline import Deadline
 from shared.errors import IntakeError
@@ -58,6 +58,7 @@ class Unclear:
 UNSENT, UNCLEAR = Unsent(), Unclear()
 ENGAGED_FOR = 300.0  # seconds: Dataverse's service protection window (platform-facts.md)
 Result = Answer | Unsent | Unclear
+Sender = Callable[[list[Op], Deadline], list[Answer]]
 
 
 def encode(ops: list[Op], base: str) -> tuple[bytes, str]:
@@ -97,10 +98,6 @@ def decode(content_type: str, body: bytes) -> list[Answer]:
                 headers[name.strip().lower()] = value.strip()
         answers.append(Answer(status, headers, content))
     return answers
-
-
-class Sender(Protocol):
-    def __call__(self, ops: list[Op], deadline: Deadline) -> list[Answer]: ...
 
 
 @dataclass
