@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from shared.deadline import Deadline
 from shared.errors import IntakeError
+from shared.transport import Call
 
 
 @dataclass
@@ -42,9 +43,13 @@ class Op:
 class Answer:
     """One part's own response."""
 
-    status: int
+    status: int  # 0: the part holds no HTTP response this client can read
     headers: dict[str, str]
     body: bytes
+
+    @property
+    def request_id(self) -> str | None:
+        return self.headers.get("x-ms-service-request-id") or None
 
 
 class Unsent:
@@ -57,8 +62,9 @@ class Unclear:
 
 UNSENT, UNCLEAR = Unsent(), Unclear()
 ENGAGED_FOR = 300.0  # seconds: Dataverse's service protection window (platform-facts.md)
+MIN_LEFT = 2.0  # seconds: a create with less time left is sent alone, never holding up a batch
 Result = Answer | Unsent | Unclear
-Sender = Callable[[list[Op], Deadline], list[Answer]]
+Sender = Callable[[list[Op], Deadline, Call], list[Answer]]
 
 
 def encode(ops: list[Op], base: str) -> tuple[bytes, str]:
@@ -88,15 +94,16 @@ def decode(content_type: str, body: bytes) -> list[Answer]:
         raw = part.get_payload(decode=True) or b""
         head, _, content = raw.partition(b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n")
         lines = head.decode("latin-1").splitlines()
-        if not lines or not lines[0].startswith("HTTP/"):
-            raise ValueError("a $batch part does not hold an HTTP response")
-        status = int(lines[0].split()[1])
+        words = lines[0].split() if lines else []
+        if len(words) < 2 or not words[0].startswith("HTTP/") or not words[1].isdigit():
+            answers.append(Answer(0, {}, b""))  # unreadable: this part alone is unclear
+            continue
         headers = {}
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
-        answers.append(Answer(status, headers, content))
+        answers.append(Answer(int(words[1]), headers, content))
     return answers
 
 
@@ -108,6 +115,7 @@ class _Batch:
     done: threading.Event = field(default_factory=threading.Event)
     results: list[Result] = field(default_factory=list)
     error: BaseException | None = None
+    call: Call = field(default_factory=Call)
 
 
 class Gatherer:
@@ -152,8 +160,8 @@ class Gatherer:
             self._busy += 1
             if self._size > 1 and time.monotonic() >= self._until:
                 self._size = 1  # the storm is over: every create alone again, at full parallelism
-            if self._size < 2 or (self._busy == 1 and self._open is None):
-                return UNSENT  # off, or nothing else in flight: no one to gather with, no window to pay
+            if self._size < 2 or (self._busy == 1 and self._open is None) or deadline.left() < MIN_LEFT + self._window:
+                return UNSENT  # off, nothing else in flight (no window to pay), or too little time to share
             batch, lead = self._open, self._open is None
             if batch is None:
                 batch = self._open = _Batch()
@@ -171,11 +179,27 @@ class Gatherer:
             self._run(batch)
         elif not batch.done.wait(max(0.0, deadline.left())):
             return UNCLEAR  # the batch is still out: it may yet create this op's row
-        if isinstance(batch.error, IntakeError):
-            raise batch.error.copy()  # each caller marks its own copy (record id) and raises it in its thread
         if batch.error is not None:
-            raise batch.error
+            return self._after_failed(batch, deadline)
         return batch.results[index]
+
+    @staticmethod
+    def _after_failed(batch: _Batch, deadline: Deadline) -> Result:
+        """A batch that failed as a whole: what it means for one of its creates.
+
+        Sent and unanswered: each create may exist, and is sent again alone (UNCLEAR). Refused for a cause
+        that passes (throttled, unavailable, the batch's deadline): each create goes on alone under its own
+        deadline, so a short member never fails a long one. Anything else (a missing privilege...) is every
+        create's own failure: each caller raises its own copy.
+        """
+        err = batch.error
+        if batch.call.maybe_applied:
+            return UNCLEAR
+        if isinstance(err, IntakeError):
+            if err.status == 503 and not deadline.expired():
+                return UNSENT
+            raise err.copy()  # each caller marks its own copy (record id) and raises it in its thread
+        raise err  # type: ignore[misc]
 
     def done(self) -> None:
         """The caller's create has its outcome (whichever way it went)."""
@@ -188,13 +212,14 @@ class Gatherer:
                 batch.results = [UNSENT]
                 return
             deadline = min(batch.deadlines, key=lambda d: d.left())
-            answers = self._send(batch.ops, deadline)
+            answers = self._send(batch.ops, deadline, batch.call)
             with self._lock:
                 self.batches += 1
                 self.batched += len(batch.ops)
-            # A part with no answer (the batch stopped) or answered 401 was not run; one answered 5xx or 429
-            # may have been: either way it is sent again alone, where the single path's rules apply.
-            results: list[Result] = [UNSENT if a.status == 401 else UNCLEAR if a.status >= 500 or a.status == 429
+            # A part with no answer (the batch stopped), answered 401 or 429 was not run: sent again alone,
+            # where the single path's rules apply (and the gate, told of the 429, holds it). One answered 5xx,
+            # or whose answer cannot be read, may have run: sent again alone too, known to be unclear.
+            results: list[Result] = [UNSENT if a.status in (401, 429) else UNCLEAR if a.status >= 500 or a.status == 0
                                      else a for a in answers[:len(batch.ops)]]
             batch.results = results + [UNSENT] * (len(batch.ops) - len(results))
         except ValueError:  # an answer that is not a $batch answer: the parts may have run

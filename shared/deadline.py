@@ -9,6 +9,10 @@ from __future__ import annotations
 import time
 
 MIN_TIMEOUT = 0.05  # a socket timeout of 0 means "no timeout" in some libraries: never hand one out
+# The least time worth sending a request with: a wait (Retry-After, backoff, a free slot) that leaves less
+# is refused before it starts, so the caller gets the honest cause (throttled, unavailable) in time, not a
+# request sent with a 50 ms timeout that times out into "outcome unknown".
+RESERVE = 0.5
 
 
 class Deadline:

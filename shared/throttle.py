@@ -19,7 +19,7 @@ import random
 import threading
 import time
 
-from shared.deadline import Deadline
+from shared.deadline import RESERVE, Deadline
 from shared.errors import IntakeError
 
 CONCURRENCY_CODE = "0x80072326"
@@ -60,60 +60,50 @@ class Gate:
                 self._limit = min(self._limit, self._ceiling)
 
     def enter(self, deadline: Deadline) -> None:
-        """Wait for the throttle to pass and a slot to free, within the call's deadline."""
+        """Wait for the throttle to pass and a slot to free, within the call's deadline.
+
+        A wait is refused before it starts when it, its jitter and the request after it (RESERVE) would not
+        fit the deadline: the caller then answers "throttled, retry after" in time.
+        """
         with self._cond:
             waited = False
             while True:
                 hold = self._resume_at - time.monotonic()
                 if hold > 0:
-                    if not deadline.allows(hold):
+                    jitter = random.uniform(0, min(0.25, 0.05 * hold + 0.02))
+                    if not deadline.allows(hold + jitter + RESERVE):
                         raise IntakeError("dynamics_throttled", "Dataverse is throttling this instance for "
                                           f"{hold:.1f}s more; the call's deadline comes first.", retry_after=hold)
                     waited = True
-                    self._cond.wait(hold + random.uniform(0, min(0.25, 0.05 * hold + 0.02)))
+                    self._cond.wait(hold + jitter)
                     continue
                 if self._active < (1 if self._probing else self._limit):
                     self._active += 1
                     self.waits += waited
                     return
-                left = deadline.left()
+                left = deadline.left() - RESERVE
                 if left <= 0:
                     raise IntakeError("dynamics_throttled", "No Dataverse request slot of this instance freed within "
                                       "the call's deadline.", retry_after=1.0)
                 self._cond.wait(left)
 
+    @property
+    def active(self) -> int:
+        """Requests of this instance holding a slot now."""
+        return self._active
+
+    def throttled(self, code: str | None, retry_after: float) -> None:
+        """A 429 seen without a slot of its own (a part of a $batch): hold the instance as for a request."""
+        with self._cond:
+            self._throttle(code, retry_after)
+            self._cond.notify_all()
+
     def leave(self, status: int, code: str | None = None, retry_after: float | None = None) -> None:
-        """Account for the answer: a 429 holds every thread; the concurrency code lowers the limit."""
+        """Release a slot and account for its answer: a 429 holds every thread; successes grow the limit."""
         with self._cond:
             self._active -= 1
             if status == 429:
-                wait = retry_after if retry_after is not None else 1.0
-                now = time.monotonic()
-                if not self._probing:  # once per throttle episode: the answers of requests already in flight
-                    # The concurrency code says outright that there were too many at once, and execution time
-                    # is concurrency times duration: fewer at once. The request budget is a count per window:
-                    # the hold is the answer, and fewer at once after it would only drain slower.
-                    if code != REQUEST_BUDGET_CODE:
-                        self._limit = max(1, int(self._limit * 0.75) if code == CONCURRENCY_CODE else self._limit // 2)
-                    if now - self._episode_end < max(1.0, 4 * self._last_hold):
-                        # Throttled again soon after the last episode ended: the window frees a sliver at a
-                        # time, and each sliver costs a 429. Holding twice as long as last time lets a larger
-                        # share free (a sliding window keeps what is not used), sent in one go.
-                        wait = max(wait, min(ESCALATION_CAP, 2 * self._last_hold))
-                    self._episode_wait, self._refusals, self._last_hold = wait, 0, wait
-                elif now >= self._resume_at:  # a probe refused: others (other instances) took the freed slots
-                    # Their sending lengthens everyone's wait; probing again after the few milliseconds
-                    # Retry-After now says would join them. Each refusal doubles a floor, up to the episode's
-                    # wait, and doubles an absolute one: instances that each probe again at the Retry-After
-                    # they were given would otherwise keep the throttle alive between them.
-                    self._refusals += 1
-                    wait = max(wait, self._episode_wait * min(1.0, 0.1 * 2 ** self._refusals),
-                               min(PROBE_BACKOFF_CAP, PROBE_BACKOFF * 2 ** self._refusals))
-                self._resume_at = max(self._resume_at, now + wait)
-                self._successes = 0
-                # Sending into a window Dataverse already refused lengthens the wait: after the hold, one
-                # request probes; the others follow once it got through.
-                self._probing = True
+                self._throttle(code, retry_after)
             elif status < 500:
                 if self._probing:
                     self._episode_end = time.monotonic()
@@ -123,3 +113,33 @@ class Gate:
                     self._limit += 1
                     self._successes = 0
             self._cond.notify_all()
+
+    def _throttle(self, code: str | None, retry_after: float | None) -> None:
+        """Hold every thread for Retry-After; lower the limit once per episode (the caller holds the lock)."""
+        wait = retry_after if retry_after is not None else 1.0
+        now = time.monotonic()
+        if not self._probing:  # once per throttle episode: the answers of requests already in flight
+            # The concurrency code says outright that there were too many at once, and execution time
+            # is concurrency times duration: fewer at once. The request budget is a count per window:
+            # the hold is the answer, and fewer at once after it would only drain slower.
+            if code != REQUEST_BUDGET_CODE:
+                self._limit = max(1, int(self._limit * 0.75) if code == CONCURRENCY_CODE else self._limit // 2)
+            if now - self._episode_end < max(1.0, 4 * self._last_hold):
+                # Throttled again soon after the last episode ended: the window frees a sliver at a
+                # time, and each sliver costs a 429. Holding twice as long as last time lets a larger
+                # share free (a sliding window keeps what is not used), sent in one go.
+                wait = max(wait, min(ESCALATION_CAP, 2 * self._last_hold))
+            self._episode_wait, self._refusals, self._last_hold = wait, 0, wait
+        elif now >= self._resume_at:  # a probe refused: others (other instances) took the freed slots
+            # Their sending lengthens everyone's wait; probing again after the few milliseconds
+            # Retry-After now says would join them. Each refusal doubles a floor, up to the episode's
+            # wait, and doubles an absolute one: instances that each probe again at the Retry-After
+            # they were given would otherwise keep the throttle alive between them.
+            self._refusals += 1
+            wait = max(wait, self._episode_wait * min(1.0, 0.1 * 2 ** self._refusals),
+                       min(PROBE_BACKOFF_CAP, PROBE_BACKOFF * 2 ** self._refusals))
+        self._resume_at = max(self._resume_at, now + wait)
+        self._successes = 0
+        # Sending into a window Dataverse already refused lengthens the wait: after the hold, one
+        # request probes; the others follow once it got through.
+        self._probing = True

@@ -160,7 +160,7 @@ def test_a_throttled_batch_waits_retry_after_then_goes_through(stack):
 def test_standin_batch_follows_the_documented_wire_format(stack):
     """A $batch written as Microsoft's page shows it, sent raw; the answer read by the app's decoder."""
     si = stack.si
-    token = runtime.intake().client._tokens.token(Deadline.of(10))
+    token = runtime.intake().client.transport._tokens.token(Deadline.of(10))
     new_id, bad_id = str(uuid.uuid4()), str(uuid.uuid4())
     bind = f'"customerid_contact@odata.bind":"/contacts({si.seed_contact_id})"'
     body = (

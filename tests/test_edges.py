@@ -291,7 +291,7 @@ def test_malformed_retry_after_is_handled(stack, value):
 
 
 def test_retry_after_parsing():
-    from shared.dataverse import parse_retry_after
+    from shared.transport import parse_retry_after
 
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after("2.5") == 2.5

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .state import Fault, State
+from .state import MANGLES, Fault, State
 
 MAX_BODY = 8 * 1024 * 1024
 JSON = "application/json; charset=utf-8"
@@ -43,12 +43,14 @@ class Request:
 
 @dataclass
 class Response:
-    """A response to write; ``hold`` means: do not answer, keep the socket open, then close it."""
+    """A response to write; ``hold`` means: do not answer, keep the socket open, then close it;
+    ``drop`` means: send the head and part of the body, then close the connection."""
 
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
     hold: bool = False
+    drop: bool = False
 
     def header(self, name: str, value: str) -> Response:
         self.headers.append((name, value))
@@ -149,10 +151,38 @@ def process(svc: Service, req: Request) -> Response:
             if fault is not None and fault.kind == "hold":
                 resp.hold = True
         svc.finalize(req, resp)
+        if fault is not None and fault.kind in MANGLES:
+            resp = damaged(resp, fault.kind)
     finally:
         state.leave(svc.name)
     state.metrics.record(svc.name, req.method, req.raw_path, 0 if resp.hold else resp.status)
     return resp
+
+
+GATEWAY_PAGE = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
+                b"<p>The proxy server received an invalid response from an upstream server.</p></body></html>")
+CAPTIVE_PAGE = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><p>Your session has expired. "
+                b"Please sign in to continue.</p></body></html>")
+
+
+def damaged(resp: Response, how: str) -> Response:
+    """The answer as it arrives after the network damaged it (state.MANGLES says what each means)."""
+    if how == "gateway_502":
+        return Response(502, GATEWAY_PAGE, [("Content-Type", "text/html")])
+    if how == "html_2xx":
+        return Response(200, CAPTIVE_PAGE, [("Content-Type", "text/html")])
+    body = resp.body or b'{"@odata.context":"$metadata#incidents/$entity","incidentid":"00000000"}'
+    if how == "malformed_batch" and b"HTTP/1.1 " in resp.body:
+        first = resp.body.find(b"HTTP/1.1 ")
+        second = resp.body.find(b"HTTP/1.1 ", first + 1)
+        at = second if second > 0 else first
+        return Response(resp.status, resp.body[:at] + b"<html>upstream reset</html>\r\n"
+                        + resp.body[resp.body.find(b"\r\n--", at):], resp.headers)
+    headers = [(k, v) for k, v in resp.headers if k.lower() != "content-type"]
+    headers.append(("Content-Type", next((v for k, v in resp.headers if k.lower() == "content-type"), JSON)))
+    if how == "drop_body":
+        return Response(200 if resp.status == 204 else resp.status, body, headers, drop=True)
+    return Response(200 if resp.status == 204 else resp.status, body[: max(1, len(body) // 2)], headers)
 
 
 class _BadRequest(Exception):
@@ -194,6 +224,12 @@ class Handler(BaseHTTPRequestHandler):
             self.server.service.state.stopping.wait(self.server.service.state.hold_seconds)
             self.close_connection = True
             return
+        if resp.drop:  # the head and half the body, then the connection is gone
+            self.close_connection = True
+            whole = resp.body
+            resp.body = whole[: len(whole) // 2]
+            self._write(resp, content_length=len(whole))
+            return
         self._write(resp)
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
@@ -229,7 +265,7 @@ class Handler(BaseHTTPRequestHandler):
             if len(out) > MAX_BODY:
                 raise _BadRequest(413, "Body too large")
 
-    def _write(self, resp: Response) -> None:
+    def _write(self, resp: Response, content_length: int | None = None) -> None:
         try:
             reason = HTTPStatus(resp.status).phrase
         except ValueError:
@@ -237,8 +273,8 @@ class Handler(BaseHTTPRequestHandler):
         lines = [f"HTTP/1.1 {resp.status} {reason}", f"Date: {formatdate(usegmt=True)}",
                  f"Server: {self.server_version}"]
         lines += [f"{k}: {v}" for k, v in resp.headers]
-        lines.append(f"Content-Length: {len(resp.body)}")
-        if self.close_connection:
+        lines.append(f"Content-Length: {len(resp.body) if content_length is None else content_length}")
+        if self.close_connection and not resp.drop:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + resp.body)

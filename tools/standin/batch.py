@@ -142,7 +142,7 @@ def run_batch(svc: Any, req: Request, api: str, fail: Any) -> Response:
         except HttpError as exc:
             kind, handler, resp = "unknown", None, exc.response
         state.metrics.count(svc.name, sub.method, kind)  # a part counts as the request it holds
-        fault = state.faults.pick(svc.name, sub.method, sub.raw_path, rates=False)
+        fault = state.faults.pick(svc.name, sub.method, sub.raw_path, rates=False, in_batch=True)
         if fault is not None and fault.status == 401:
             raise HttpError(svc.challenge())  # authentication is the batch's: a 401 answers all of it
         try:

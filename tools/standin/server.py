@@ -12,7 +12,7 @@ from .base import TlsServer
 from .dataverse import DataverseService, Org
 from .entra import Directory, EntraService, vault_resource
 from .keyvault import Vault, VaultService
-from .state import SERVICES, TIMEOUT_AFTER_APPLY, FailRule, Rates, State, service_name
+from .state import MANGLES, SERVICES, TIMEOUT_AFTER_APPLY, FailRule, Rates, State, service_name
 from .tls import make_tls
 
 DYNAMICS_SECRET_NAME = "dynamics-client-secret"
@@ -228,16 +228,16 @@ class StandIn:
     # ---- faults -------------------------------------------------------------------------------------
     def fail_next(self, service: str, n: int, status: int | str, code: str | int | None = None,
                   message: str | None = None, retry_after: float | None = None, method: str | None = None,
-                  path_contains: str | None = None) -> None:
+                  path_contains: str | None = None, in_batch: bool | None = None) -> None:
         """The next ``n`` matching requests answer ``status``.
 
         ``status="timeout_after_apply"``: handle the request, then hold the connection and close it
-        without an answer.
+        without an answer. ``status`` one of ``MANGLES`` (state.py): handle it, then damage the answer.
         """
-        if status != TIMEOUT_AFTER_APPLY:
+        if status != TIMEOUT_AFTER_APPLY and status not in MANGLES:
             status = int(status)
         self.state.faults.add_rule(FailRule(service_name(service), int(n), status, code, message, retry_after,
-                                            method, path_contains))
+                                            method, path_contains, in_batch))
 
     def fault_rates(self, service: str, *, rate_5xx: float = 0.0, rate_timeout_after_apply: float = 0.0,
                     rate_429: float = 0.0, retry_after: float = 1, status_5xx: int = 503) -> None:

@@ -17,6 +17,14 @@ _ALIASES = {
     "dataverse": "dataverse", "dynamics": "dataverse", "dv": "dataverse",
 }
 TIMEOUT_AFTER_APPLY = "timeout_after_apply"
+# Answers a real network produces between Dataverse and the client, besides a lost answer. Each is applied
+# first (the request ran), then its answer is damaged on the way, except the gateway's own 502 page:
+#   drop_body      the status line and headers arrive, the connection drops while the body is read
+#   truncated_2xx  a 200 JSON answer cut short (Content-Length agrees with what was sent)
+#   html_2xx       a 200 text/html page from a gateway or captive proxy instead of Dataverse's answer
+#   gateway_502    a load balancer's HTML 502 page; the request did not reach Dataverse
+#   malformed_batch a $batch answer whose second part holds no HTTP response
+MANGLES = ("drop_body", "truncated_2xx", "html_2xx", "gateway_502", "malformed_batch")
 
 
 def service_name(name: str) -> str:
@@ -78,9 +86,12 @@ class FailRule:
     retry_after: float | None = None
     method: str | None = None
     path_contains: str | None = None
+    in_batch: bool | None = None  # True: only a part of a $batch; False: only a request of its own
 
-    def matches(self, service: str, method: str, path: str) -> bool:
+    def matches(self, service: str, method: str, path: str, in_batch: bool = False) -> bool:
         if self.remaining <= 0 or self.service != service:
+            return False
+        if self.in_batch is not None and self.in_batch != in_batch:
             return False
         if self.method and self.method.upper() != method.upper():
             return False
@@ -89,7 +100,8 @@ class FailRule:
 
 @dataclass(frozen=True)
 class Fault:
-    """A fault chosen for one request: ``kind`` is "error" or "hold" (apply, then never answer)."""
+    """A fault chosen for one request: ``kind`` is "error", "hold" (apply, then never answer) or one of
+    MANGLES (apply, then damage the answer)."""
 
     kind: str
     status: int = 0
@@ -133,18 +145,20 @@ class Faults:
         with self._lock:
             return sum(r.remaining for r in self._rules)
 
-    def pick(self, service: str, method: str, path: str, rates: bool = True) -> Fault | None:
+    def pick(self, service: str, method: str, path: str, rates: bool = True, in_batch: bool = False) -> Fault | None:
         """First matching ``fail_next`` rule (FIFO) wins; otherwise one random draw against the rates.
 
         A $batch part meets the rules only: the rates draw once for the whole request.
         """
         with self._lock:
             for rule in self._rules:
-                if rule.matches(service, method, path):
+                if rule.matches(service, method, path, in_batch):
                     rule.remaining -= 1
                     self._rules = [r for r in self._rules if r.remaining > 0]
                     if rule.status == TIMEOUT_AFTER_APPLY:
                         return Fault("hold")
+                    if rule.status in MANGLES:
+                        return Fault(str(rule.status))
                     return Fault("error", int(rule.status), rule.code, rule.message, rule.retry_after)
             r = self._rates.get(service) if rates else None
             if r is None:
