@@ -2,7 +2,10 @@
 `function_app` import) drain one burst from a shared Azurite queue, against the stand-in enforcing the
 limits on a scaled clock (tools/standin/protection.py).
 
-    python -m bench.fleet --instances 4 --messages 2400            (the benchmark: both regimes)
+    python -m bench.fleet --instances 8 --messages 2400            (the benchmark: both regimes)
+
+Each instance runs the template's topology (bench/topology.py, the template's own formula): by default
+the deployed one, 52 / 40 = one Dataverse request and eight queue messages in flight per instance.
 
 Reports drain time against the minimum the request budget allows, the share of Dataverse requests
 answered 429, deliveries per message, and poisoned, duplicated and lost messages.
@@ -23,6 +26,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench.topology import BUDGET, MAX_INSTANCES, Topology, per_instance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,11 +81,12 @@ def minimum_drain(messages: int, regime: Regime, batch_size: int = 1) -> float:
 
 
 def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regime: Regime | None,
-        batch_size: int | None = None, timeout: float = 300.0) -> dict[str, Any]:
-    """One burst, drained by `instances` worker processes; returns the figures."""
+        batch_size: int | None = None, timeout: float = 300.0, topology: Topology | None = None) -> dict[str, Any]:
+    """One burst, drained by `instances` worker processes, each with `topology`; returns the figures."""
     from shared import settings
     from tools.queues import ensure, queue_client
 
+    topology = topology or per_instance()
     si = standin
     for q in ("cases", "cases-poison", "cases-rejected"):
         ensure(queue_client(azurite_conn, q)).clear_messages()
@@ -100,13 +106,15 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
             event.update(externalId=f"ev-{run_id}-{i}", source="fleet")
         queue.send_message(json.dumps(event))
     env = {**os.environ, **si.settings_env(), "AzureWebJobsStorage": azurite_conn, "PYTHONPATH": str(ROOT),
-           "INTAKE_BATCH_SIZE": str(batch)}
+           "INTAKE_BATCH_SIZE": str(batch), **topology.env}
     env.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
     # The workers' logs go to files: a pipe read only at the end fills up and blocks them.
     logs = [tempfile.TemporaryFile("w+") for _ in range(instances)]
     started = time.monotonic()
     workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet_worker", "--seconds", str(timeout),
-                                 "--queue-budget", str(regime.queue_budget if regime else 10.0), "--idle", "2"],
+                                 "--queue-budget", str(regime.queue_budget if regime else 10.0), "--idle", "2",
+                                 "--batch", str(topology.queue_batch),
+                                 "--threshold", str(topology.new_batch_threshold)],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
                for log in logs]
     drained_at = None
@@ -141,6 +149,7 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
     si.state.protection = None
     return {
         "regime": regime.name if regime else "no limits", "batch_size": batch, "instances": instances,
+        "dataverse_per_instance": topology.dataverse_concurrency, "queue_batch": topology.queue_batch,
         "messages": messages, "window_s": regime and regime.window,
         "requests_per_window": regime and regime.max_requests, "queue_budget_s": regime and regime.queue_budget,
         "retry_after_exceeds_budget": regime is not None and regime.retry_after_exceeds_budget,
@@ -163,7 +172,10 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--instances", type=int, default=4)
+    p.add_argument("--instances", type=int, default=8)
+    p.add_argument("--budget", type=int, default=BUDGET, help="the template's dataverseConcurrencyBudget")
+    p.add_argument("--max-instances", type=int, default=MAX_INSTANCES,
+                   help="the template's maximumInstanceCount: with --budget, the per-instance topology")
     p.add_argument("--messages", type=int, default=2400)
     p.add_argument("--scale", choices=["small", "large"], default="large")
     p.add_argument("--batch-size", type=int, nargs="*", default=None,
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs += [(None, b) for b in sizes]
             for regime, batch in runs:
                 result = run(si, az.connection_string, instances=a.instances, messages=a.messages, regime=regime,
-                             batch_size=batch)
+                             batch_size=batch, topology=per_instance(a.budget, a.max_instances))
                 result.pop("workers")
                 print(json.dumps(result), flush=True)
     finally:

@@ -23,11 +23,13 @@ def main() -> None:
     p.add_argument("--queue-budget", type=float, default=60.0)
     a = p.parse_args()
     import function_app  # noqa: F401 - the instance's own import, as the host does
-    from shared import runtime
+    from shared import batching, runtime
     from tests.hostsim import QueueHost
     from triggers import queue_intake
 
+    scale = a.queue_budget / queue_intake.QUEUE_BUDGET
     queue_intake.QUEUE_BUDGET = a.queue_budget  # the per-call budget, scaled with the clock
+    batching.MIN_LEFT *= scale  # and the least time a create must have left to join a $batch
     fn = queue_intake.cases_queue.build().get_user_function()
     host = QueueHost(os.environ["AzureWebJobsStorage"], "cases", fn, batch_size=a.batch,
                      new_batch_threshold=a.threshold, visibility_timeout=a.visibility)

@@ -90,6 +90,9 @@ var auth = empty(dynamicsAuth) ? 'secret' : dynamicsAuth
 // The fleet inside the user's budget: instances x per-instance Dataverse concurrency <= the budget.
 var perInstance = max(1, dataverseConcurrencyBudget / maximumInstanceCount)
 var dataverseConcurrency = empty(intakeDataverseConcurrency) ? string(perInstance) : intakeDataverseConcurrency
+// Queue messages in flight per instance, decoupled from its Dataverse share: the creates that wait for a
+// Dataverse slot go out together as one $batch when it frees, so at least 8 ride in each (bench/topology.py).
+var queueBatchSize = min(32, max(8, perInstance))
 var deferralMaxHours = empty(intakeDeferralMaxHours) ? '24' : intakeDeferralMaxHours
 var batchSize = empty(intakeBatchSize) ? '10' : intakeBatchSize
 var batchWindowMs = empty(intakeBatchWindowMs) ? '20' : intakeBatchWindowMs
@@ -201,7 +204,7 @@ module functionApp 'modules/functionapp.bicep' = {
     intakeDeferralMaxHours: deferralMaxHours
     intakeBatchSize: batchSize
     intakeBatchWindowMs: batchWindowMs
-    queueBatchSize: min(32, perInstance)
+    queueBatchSize: queueBatchSize
     azureAuthorityHost: authorityHost
   }
 }

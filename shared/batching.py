@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from shared.deadline import Deadline
 from shared.errors import IntakeError
+from shared.throttle import Gate
 from shared.transport import Call
 
 
@@ -111,6 +112,8 @@ def decode(content_type: str, body: bytes) -> list[Answer]:
 class _Batch:
     ops: list[Op] = field(default_factory=list)
     deadlines: list[Deadline] = field(default_factory=list)
+    size: int = 2  # the most ops it takes
+    at_gate: bool = False  # gathered while the instance's requests wait at its gate: sent when a slot frees
     full: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     results: list[Result] = field(default_factory=list)
@@ -121,8 +124,9 @@ class _Batch:
 class Gatherer:
     """Thread-safe; one per DataverseClient (one per instance)."""
 
-    def __init__(self, send: Sender, window: float, size: int) -> None:
+    def __init__(self, send: Sender, window: float, size: int, gate: Gate | None = None) -> None:
         self._send = send
+        self._gate = gate
         self._window = window
         self._max = size
         self._size = 1  # 1: off, every create alone
@@ -160,19 +164,26 @@ class Gatherer:
             self._busy += 1
             if self._size > 1 and time.monotonic() >= self._until:
                 self._size = 1  # the storm is over: every create alone again, at full parallelism
-            if self._size < 2 or (self._busy == 1 and self._open is None) or deadline.left() < MIN_LEFT + self._window:
+            # Creates that would wait at the gate anyway (every slot taken, or the instance held) go out
+            # together when a slot frees: what waits costs no throughput by riding in one request.
+            at_gate = self._max > 1 and self._gate is not None and self._gate.saturated()
+            size = self._max if at_gate else self._size
+            if size < 2 or (self._busy == 1 and self._open is None) or deadline.left() < MIN_LEFT + self._window:
                 return UNSENT  # off, nothing else in flight (no window to pay), or too little time to share
             batch, lead = self._open, self._open is None
             if batch is None:
-                batch = self._open = _Batch()
+                batch = self._open = _Batch(size=size, at_gate=at_gate)
             index = len(batch.ops)
             batch.ops.append(op)
             batch.deadlines.append(deadline)
-            if len(batch.ops) >= self._size:
+            if len(batch.ops) >= batch.size:
                 self._open = None
                 batch.full.set()
         if lead:
-            batch.full.wait(max(0.0, min(self._window, deadline.left())))
+            if batch.at_gate and self._gate is not None:
+                self._gate.wait_free(min(batch.deadlines, key=lambda d: d.left()))  # others join meanwhile
+            else:
+                batch.full.wait(max(0.0, min(self._window, deadline.left())))
             with self._lock:
                 if self._open is batch:
                     self._open = None

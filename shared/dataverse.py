@@ -44,7 +44,8 @@ class DataverseClient:
         self._settings = settings
         self.gate = Gate(concurrency or settings.dataverse_concurrency)
         batch = settings.batch_size
-        self.batches = Gatherer(self._send_batch, settings.batch_window_ms / 1000, batch) if batch > 1 else None
+        self.batches = (Gatherer(self._send_batch, settings.batch_window_ms / 1000, batch, self.gate)
+                        if batch > 1 else None)
         self.transport = Transport(settings, tokens, self.gate, pool_size=pool_size, connect_timeout=connect_timeout,
                                    read_timeout=read_timeout, backoff=backoff, on_throttle=self._throttled)
         self.session = self.transport.session

@@ -87,6 +87,25 @@ class Gate:
                                       "the call's deadline.", retry_after=1.0)
                 self._cond.wait(left)
 
+    def _saturated(self) -> bool:
+        return self._resume_at > time.monotonic() or self._active >= (1 if self._probing else self._limit)
+
+    def saturated(self) -> bool:
+        """Whether a request arriving now would wait: the instance is held, or every slot is taken."""
+        with self._cond:
+            return self._saturated()
+
+    def wait_free(self, deadline: Deadline) -> bool:
+        """Wait, without taking it, until a request could go out now; False when the deadline comes first."""
+        with self._cond:
+            while self._saturated():
+                left = deadline.left() - RESERVE
+                if left <= 0:
+                    return False
+                hold = self._resume_at - time.monotonic()
+                self._cond.wait(min(left, hold) if hold > 0 else left)
+            return True
+
     @property
     def active(self) -> int:
         """Requests of this instance holding a slot now."""

@@ -1,7 +1,8 @@
 """The fleet under Dataverse's service protection limits, small (issue 10; the large run: bench/fleet.py).
 
-Two instances as separate processes, each with its own `function_app` import, drain one burst from a
-shared Azurite queue with the host's queue semantics, against the stand-in enforcing the limits on a
+Eight instances in the template's topology (bench/topology.py: one Dataverse request and eight queue
+messages in flight each) as separate processes, each with its own `function_app` import, drain one burst
+from a shared Azurite queue with the host's queue semantics, against the stand-in enforcing the limits on a
 scaled clock, in both regimes: Retry-After shorter than the per-call budget (throttled messages wait
 inside their call) and longer (they are deferred). Whatever the figures, no message may be poisoned,
 duplicated or lost, and none may spend a delivery on throttling; once the request budget bites, creates
@@ -13,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from bench.fleet import regimes, run
+from bench.topology import per_instance
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def fleet_azurite():
 
 @pytest.mark.parametrize("regime", regimes("small"), ids=lambda r: r.name)
 def test_fleet_drains_a_burst_exactly_once_without_poison(standin, fleet_azurite, regime, capsys):
-    result = run(standin, fleet_azurite.connection_string, instances=2, messages=160, regime=regime, timeout=150)
+    result = run(standin, fleet_azurite.connection_string, instances=8, messages=160, regime=regime, timeout=150)
     workers = result.pop("workers")
     with capsys.disabled():
         print(f"\nfleet {regime.name}: " + ", ".join(f"{k}={v}" for k, v in result.items()))
@@ -40,5 +42,6 @@ def test_fleet_drains_a_burst_exactly_once_without_poison(standin, fleet_azurite
         assert result["deliveries_per_message"] == 1.0  # waited inside the call: one delivery each
     else:
         assert result["deferrals"] > 0  # deferred instead of raised
-    assert result["peak_concurrency"] <= 52
+    assert result["peak_concurrency"] <= 8 * per_instance().dataverse_concurrency  # the template's share each
+    assert result["queue_batch"] >= 8
     assert result["records_per_request"] > 1.2  # the request budget bit: creates went in $batch requests

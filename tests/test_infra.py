@@ -564,3 +564,33 @@ def test_fleet_stays_within_the_dataverse_concurrency_budget() -> None:
     assert "perInstance" in json.dumps(value)
     site = _resources(path)
     assert any("maximumInstanceCount" in json.dumps(r) for r in site.values())
+
+
+def _bicep_int_expression(source: str, name: str) -> str:
+    """A `var name = <expr>` of the template whose expression holds only names, integers, min/max and / ."""
+    import re
+
+    line = next(x for x in source.splitlines() if x.startswith(f"var {name} = "))
+    expr = line.split("=", 1)[1].strip()
+    assert re.fullmatch(r"[A-Za-z0-9_(), /]+", expr), expr  # nothing this check could misread
+    return expr.replace("/", "//")  # Bicep divides integers as integers
+
+
+def test_the_measured_topology_is_the_template_s_formula() -> None:
+    """bench/topology.py (what the fleet test and benchmark run) against the template's own expressions."""
+    from bench.topology import per_instance
+
+    source = MAIN.read_text()
+    per = _bicep_int_expression(source, "perInstance")
+    batch = _bicep_int_expression(source, "queueBatchSize")
+    for budget in (8, 13, 52, 100, 500):
+        for instances in (1, 4, 8, 13, 40, 100, 1000):
+            names = {"dataverseConcurrencyBudget": budget, "maximumInstanceCount": instances, "max": max, "min": min}
+            names["perInstance"] = eval(per, {"__builtins__": {}}, names)  # noqa: S307 - the template's own text
+            want = per_instance(budget, instances)
+            assert names["perInstance"] == want.dataverse_concurrency, (budget, instances)
+            assert eval(batch, {"__builtins__": {}}, names) == want.queue_batch, (budget, instances)  # noqa: S307
+    assert per_instance().queue_batch >= 8  # the template's default: messages ride together, not one at a time
+    path, _ = _app_settings()
+    module = path.read_text()
+    assert "value: string(queueBatchSize / 2)" in module  # newBatchThreshold, as per_instance says

@@ -17,7 +17,7 @@ import pytest
 from azure.functions.queue import QueueMessage
 
 from shared import runtime
-from shared.batching import MIN_LEFT, UNSENT, Gatherer, Op
+from shared.batching import MIN_LEFT, UNSENT, Answer, Gatherer, Op
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.throttle import Gate
@@ -217,3 +217,41 @@ def test_a_failure_while_accounting_never_leaks_a_gate_slot(stack, monkeypatch):
     status, out, _ = stack.call(http_intake.create_case, body=case(si, externalId="leak-2"))
     assert status == 201, out
     assert time.monotonic() - started < 5
+
+
+def test_creates_waiting_at_a_full_gate_go_out_together_when_a_slot_frees():
+    """One slot per instance (the template's topology): the creates that wait for it ride in one $batch."""
+    gate = Gate(1)
+    sent: list[int] = []
+
+    def send(ops, deadline, call):
+        sent.append(len(ops))
+        return [Answer(204, {}, b"") for _ in ops]
+
+    gatherer = Gatherer(send, window=0.02, size=10, gate=gate)
+    gate.enter(Deadline(5))  # another request holds the only slot
+    with ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(gatherer.submit, Op(f"incidents({i})", b"{}"), Deadline(30)) for i in range(5)]
+        time.sleep(0.3)
+        assert sent == []  # nobody sends while the slot is taken
+        gate.leave(204)
+        results = [f.result(timeout=5) for f in futures]
+    # The first create found nothing else in flight and went alone; the four that waited went as one batch.
+    assert sent == [4]
+    assert sum(isinstance(r, Answer) for r in results) == 4
+
+
+def test_an_instance_with_one_slot_sends_its_waiting_creates_as_batches(stack):
+    si = stack.si
+    runtime.reset(read_timeout=2.0, backoff=0.05, concurrency=1)
+    si.set_latency("dataverse", 0.05)
+    stack.call(http_intake.create_case, body=case(si))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: stack.call(http_intake.create_case, body=case(si, externalId=f"g-{i}")),
+                                range(16)))
+    assert sorted(a[0] for a in answers) == [201] * 16, [a[1] for a in answers]
+    assert len(si.records("incidents")) == 17
+    gatherer = runtime.intake().client.batches
+    sent_alone = si.counts["dataverse"].get(("PATCH", "patch"), 0) - gatherer.batched  # a part counts as a PATCH
+    requests = sent_alone + si.counts["dataverse"].get(("POST", "batch"), 0)
+    assert requests <= 8, (requests, si.counts["dataverse"])  # 17 creates in fewer requests: they rode together
