@@ -6,16 +6,18 @@ every record gets its own answer (204 created, 412 already exists, 400 ...), so 
 a single create by id (platform-facts.md, bulk writes; CreateMultiple would roll back the whole request
 on one duplicate, UpsertMultiple does not say what it did per record).
 
-But Dataverse runs a batch's parts one after another: a batch of n takes n creates' time, so at the
-same concurrency batches drain slower than single creates (measured: bench/fleet.py, no limits). So
-batching is engaged only when Dataverse refuses requests for the request budget (0x80072322), the one
-limit it relieves, and its size grows from 2 while that goes on. Then the creates that concurrent
-invocations of one instance are about to send are gathered for a short window (INTAKE_BATCH_WINDOW_MS)
-up to that size (at most INTAKE_BATCH_SIZE): the first to arrive waits the window, the others join it,
-and each invocation gets its own part's answer. A create with nothing else in flight is sent alone at
-once (a quiet instance pays no window). Whatever is unclear (no answer for a part, a part answered 5xx
-or 429, an answer lost or unreadable) falls back to single creates by the same id, which is safe since
-every part is create-only.
+But Dataverse runs a batch's parts one after another: a batch of n takes n creates' time, so with free
+slots batches drain slower than single creates (measured: bench/fleet.py, no limits). So creates are
+gathered only when they would wait anyway, or when the request budget bites:
+- the instance's gate is full (every Dataverse slot taken, or the instance held by a 429): the creates
+  that arrive gather behind the first, which waits for a slot, and go out together when one frees;
+- Dataverse refused a request for the request budget (0x80072322): the first create waits a short
+  window (INTAKE_BATCH_WINDOW_MS) for others, up to a size that grows from 2 while that goes on.
+A create with nothing else in flight, or with too little time left (MIN_LEFT), is sent alone at once.
+A part answered 429 or 401, or left unanswered, was not run: sent again alone (the gate, told of the
+429, holds it). A part answered 5xx or unreadable, and every part of a batch whose answer was lost, may
+have run: sent again alone as unclear, which is safe since every part is create-only. A batch refused
+as a whole for a cause that passes lets each member go on alone under its own deadline.
 """
 
 from __future__ import annotations
