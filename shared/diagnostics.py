@@ -1,5 +1,6 @@
 """Diagnostics: walk the whole chain step by step and name the exact cause and fix of a failure.
 
+The report also shows this instance's open breakers (shared/breaker.py: code, since, next probe).
 Steps: settings -> Key Vault (the secret or the certificate; no such step where DYNAMICS_AUTH uses no
 vault) -> Entra ID token -> WhoAmI -> privileges. A failed step marks
 the later ones skipped. Codes and fixes come from the one table in `shared.errors`. A report is kept
@@ -167,12 +168,13 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     finally:
         if "client" in state:
             state["client"].close()
-    from shared import queue_health
+    from shared import breaker, queue_health
 
     queues = queue_health.check(os.environ if environ is None else environ)
-    warned = any(s["status"] == "warning" for s in steps) or queues["status"] in ("warning", "failed")
+    held = breaker.state()  # this instance's: queue messages wait for the fix without being tried
+    warned = any(s["status"] == "warning" for s in steps) or queues["status"] in ("warning", "failed") or bool(held)
     status = "failed" if failed else ("degraded" if warned else "ok")
-    return {"status": status, "steps": steps, "queues": queues}
+    return {"status": status, "steps": steps, "queues": queues, "breaker": held}
 
 
 def cached(ttl: float = CACHE_SECONDS) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """One table of failure codes: the same code in logs, HTTP responses and the diagnostics endpoint.
 
 Each code says what happened, what the operator should do, which HTTP status a create endpoint
-answers, and whether the cause lies in the event itself (a queue message is then set aside in
-`<queue>-rejected`) or outside it (the message is retried and, in the end, poisoned).
+answers, whether the cause lies in the event itself (a queue message is then set aside in
+`<queue>-rejected`) or outside it (the message is deferred and, in the end, poisoned), and whether
+only an operator can end it (`operator`: the queue functions' breaker then holds new messages).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ class Code:
     cause: str
     fix: str
     in_event: bool = False  # the event can never succeed as sent: reject it, do not retry
+    operator: bool = False  # only an operator's fix ends it: queue intake holds new messages (shared/breaker.py)
 
 
 CODES: dict[str, Code] = {
@@ -35,9 +37,15 @@ CODES: dict[str, Code] = {
         502, "Dataverse rejected the record's columns (HTTP 400/404 with its own code).",
         "Read the Dataverse code and message: usually an unknown column in attributes, a value too long, "
         "or a contactId/accountId that does not exist.", True),
+    "envelope_invalid": Code(
+        400, "A queue message carries the deferral envelope's marker but is not a valid envelope (a bad key, "
+             "attempt or time, or a claim-check blob that is gone).",
+        "Envelopes are written by this app only: find the producer that sent it (the reason names the field); "
+        "to create the event, send its original body as a plain message.", True),
     # Configuration of this app.
     "config_invalid": Code(503, "An app setting is missing or malformed.",
-                           "Set the named app setting (Function App > Settings > Environment variables)."),
+                           "Set the named app setting (Function App > Settings > Environment variables).",
+                           operator=True),
     # Key Vault.
     "keyvault_unreachable": Code(503, "Key Vault could not be reached.",
                                  "Check KEY_VAULT_URL and the app's outbound network; retried automatically."),
@@ -51,56 +59,60 @@ CODES: dict[str, Code] = {
     "keyvault_forbidden": Code(
         502, "The app's identity may not read secrets in the vault.",
         "Grant the app's managed identity the 'Key Vault Secrets User' role on the vault "
-        "(or a 'get' secret access policy on a vault in access-policy mode)."),
+        "(or a 'get' secret access policy on a vault in access-policy mode).", operator=True),
     "keyvault_secret_missing": Code(
         502, "The vault has no secret named by DYNAMICS_CLIENT_SECRET_NAME.",
         "Create the secret {secret_name} in the vault with the app registration's client secret Value, "
-        "or set DYNAMICS_CLIENT_SECRET_NAME to the secret's name."),
+        "or set DYNAMICS_CLIENT_SECRET_NAME to the secret's name.", operator=True),
     "keyvault_secret_disabled": Code(502, "The client secret in the vault is disabled.",
-                                     "Enable the secret {secret_name} in the vault, or add a new enabled version."),
+                                     "Enable the secret {secret_name} in the vault, or add a new enabled version.",
+                                     operator=True),
     "keyvault_certificate_missing": Code(
         502, "The vault has no certificate named by DYNAMICS_CLIENT_CERTIFICATE_NAME (DYNAMICS_AUTH=certificate).",
         "Import the app registration's certificate, with its private key, into the vault as the certificate "
-        "{certificate_name}, or set DYNAMICS_CLIENT_CERTIFICATE_NAME to its name."),
+        "{certificate_name}, or set DYNAMICS_CLIENT_CERTIFICATE_NAME to its name.", operator=True),
     "keyvault_certificate_unusable": Code(
         502, "The vault certificate's secret holds no usable private key (not PEM or PKCS#12, or a key that is not "
              "exportable).",
         "Import the certificate {certificate_name} with an exportable private key (Key Vault's default policy), as "
-        "PFX without a password or as PEM; an HSM-only key cannot sign for this app."),
+        "PFX without a password or as PEM; an HSM-only key cannot sign for this app.", operator=True),
     # Entra ID.
     "entra_invalid_secret": Code(
         502, "Entra ID rejected the client secret (AADSTS7000215).",
         "In Azure portal, App registrations > Certificates & secrets: copy the secret's Value, not its "
-        "Secret ID, into the vault secret {secret_name}."),
+        "Secret ID, into the vault secret {secret_name}.", operator=True),
     "entra_secret_expired": Code(
         502, "The client secret has expired (AADSTS7000222).",
         "Create a new client secret in App registrations > Certificates & secrets and store its Value as a "
-        "new version of the vault secret {secret_name}; no restart is needed."),
+        "new version of the vault secret {secret_name}; no restart is needed.", operator=True),
     "entra_unknown_client": Code(
         502, "No application with DYNAMICS_CLIENT_ID exists in the tenant (AADSTS700016).",
         "Set DYNAMICS_CLIENT_ID to the app registration's Application (client) ID, and DYNAMICS_TENANT_ID "
-        "to the tenant it is registered in."),
+        "to the tenant it is registered in.", operator=True),
     "entra_unknown_tenant": Code(
         502, "The tenant DYNAMICS_TENANT_ID does not exist (AADSTS90002).",
-        "Set DYNAMICS_TENANT_ID to the Directory (tenant) ID from the app registration's Overview page."),
+        "Set DYNAMICS_TENANT_ID to the Directory (tenant) ID from the app registration's Overview page.",
+        operator=True),
     "dynamics_url_wrong_scope": Code(
         502, "Entra ID knows no resource at DYNAMICS_URL (AADSTS500011).",
         "Set DYNAMICS_URL to the environment URL from the Power Platform admin center, "
-        "e.g. https://contoso.crm.dynamics.com (not the api. host, no path)."),
+        "e.g. https://contoso.crm.dynamics.com (not the api. host, no path).", operator=True),
     "entra_certificate_not_registered": Code(
         502, "Entra ID found no certificate on the app registration matching the one the app signed with "
              "(AADSTS700027).",
         "Upload the certificate's public part (.cer) in App registrations > {client_id} > Certificates & secrets > "
-        "Certificates. After a rotation in the vault, upload the new certificate before the old one is removed."),
+        "Certificates. After a rotation in the vault, upload the new certificate before the old one is removed.",
+        operator=True),
     "entra_certificate_expired": Code(
         502, "The certificate has expired, or the signed assertion is outside its valid time (AADSTS700024).",
         "Add a new version of the vault certificate {certificate_name} and upload its public part to the app "
-        "registration; no restart is needed. If the certificate is still valid, check the host's clock."),
+        "registration; no restart is needed. If the certificate is still valid, check the host's clock.",
+        operator=True),
     "entra_federation_mismatch": Code(
         502, "No federated credential on the app registration matches the managed identity's token (AADSTS70021).",
         "App registrations > {client_id} > Certificates & secrets > Federated credentials: add one with issuer "
         "https://login.microsoftonline.com/<tenant>/v2.0, subject = the user-assigned identity's object (principal) "
-        "id, audience api://AzureADTokenExchange (README, Deploy)."),
+        "id, audience api://AzureADTokenExchange (README, Deploy).", operator=True),
     "managed_identity_unavailable": Code(
         503, "The Function App's managed identity endpoint did not answer, or knows no such identity.",
         "In Azure: give the Function App the managed identity (user-assigned: set AZURE_CLIENT_ID to its client id). "
@@ -113,23 +125,25 @@ CODES: dict[str, Code] = {
     "dynamics_token_rejected": Code(
         502, "Dataverse rejected a freshly acquired token (401 twice).",
         "Check that DYNAMICS_URL is the environment the app user was created in, and that the token's "
-        "tenant is the environment's tenant."),
+        "tenant is the environment's tenant.", operator=True),
     "dynamics_app_user_missing": Code(
         502, "The app registration has no application user in this environment (0x80072560).",
         "Power Platform admin center > Environments > {environment} > Settings > Application users: "
-        "add the app {client_id} and give it the intake security role."),
+        "add the app {client_id} and give it the intake security role.", operator=True),
     "managed_identity_not_app_user": Code(
         502, "The managed identity is not an application user in this environment (0x80072560, "
              "DYNAMICS_AUTH=managed_identity).",
         "Power Platform admin center > Environments > {environment} > Settings > Application users > New app user: "
-        "add the managed identity's application (client) id {client_id} and give it the intake security role."),
+        "add the managed identity's application (client) id {client_id} and give it the intake security role.",
+        operator=True),
     "dynamics_app_user_disabled": Code(
         502, "The application user is disabled (0x80040225).",
-        "Power Platform admin center > Application users: activate the application user for {client_id}."),
+        "Power Platform admin center > Application users: activate the application user for {client_id}.",
+        operator=True),
     "dynamics_privilege_missing": Code(
         502, "The application user lacks a privilege (0x80040220).",
         "Add the missing privilege named in detail to the application user's security role "
-        "(README, Deploy: the role needs create/read on cases, leads and contacts)."),
+        "(README, Deploy: the role needs create/read on cases, leads and contacts).", operator=True),
     "dynamics_throttled": Code(
         503, "Dataverse service protection limits are throttling this user (429).",
         "Nothing to change: send again after Retry-After (queue messages are deferred that long by themselves). "

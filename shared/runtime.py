@@ -46,9 +46,10 @@ def settings() -> settings_mod.Settings:
 def reset(**client_options: Any) -> None:
     """Forget the instance's objects (tests, benchmarks); options go to the next DataverseClient."""
     global _intake
-    from shared import diagnostics
+    from shared import breaker, diagnostics
 
     diagnostics.forget()
+    breaker.reset()
     with _lock:
         if _intake is not None:
             _intake.client.close()

@@ -54,6 +54,7 @@ class Invocation:
         self.record_id: str | None = None
         self.attempt: int | None = None
         self.reason: str | None = None
+        self.breaker: str | None = None  # "held" or "probe" while the breaker is open (shared/breaker.py)
         self.started = time.perf_counter()
 
     def ended(self, outcome: str, *, code: str | None = None, record_id: str | None = None) -> None:
@@ -63,7 +64,7 @@ class Invocation:
         out = {f"{PREFIX}.trigger": self.trigger, f"{PREFIX}.entity": self.entity,
                f"{PREFIX}.outcome": self.outcome, f"{PREFIX}.code": self.code or "",
                f"{PREFIX}.record_id": self.record_id, f"{PREFIX}.attempt": self.attempt,
-               f"{PREFIX}.deferral_reason": self.reason}
+               f"{PREFIX}.deferral_reason": self.reason, f"{PREFIX}.breaker": self.breaker}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -80,6 +81,9 @@ class _Off:
         pass
 
     def batched(self, records: int) -> None:
+        pass
+
+    def held(self, entity: str, code: str) -> None:
         pass
 
     def observe_concurrency(self, read: Callable[[], int]) -> None:
@@ -108,6 +112,8 @@ class _On:
                                                description="Dataverse 429 answers")
         self._batch = meter.create_histogram(f"{PREFIX}.dataverse.batch_records", unit="{record}",
                                              description="Records per Dataverse $batch request (batching engaged)")
+        self._held = meter.create_counter(f"{PREFIX}.breaker.held", unit="{message}",
+                                          description="Queue messages held by the breaker, by entity and code")
         self._concurrency: list[Callable[[], int]] = []
         meter.create_observable_gauge(f"{PREFIX}.dataverse.concurrency_limit", callbacks=[self._observe],
                                       description="This instance's limit of concurrent Dataverse requests")
@@ -139,6 +145,9 @@ class _On:
 
     def batched(self, records: int) -> None:
         self._batch.record(records)
+
+    def held(self, entity: str, code: str) -> None:
+        self._held.add(1, {f"{PREFIX}.entity": entity, f"{PREFIX}.code": code})
 
     def observe_concurrency(self, read: Callable[[], int]) -> None:
         self._concurrency[:] = [read]  # the instance's one client (a reset replaces it)

@@ -287,6 +287,11 @@ def parse_lead(data: dict) -> Event:
     return Event("lead", columns, ext, src)
 
 
+def is_key(value: object) -> bool:
+    """The one rule for keys, for callers that hold a key from elsewhere (a deferral envelope's)."""
+    return isinstance(value, str) and bool(_KEY.match(value))
+
+
 def idempotency_key(header: str | None) -> str | None:
     """The Idempotency-Key header, checked by the same rule as externalId, or absent."""
     if header is None:

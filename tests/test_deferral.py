@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from azure.functions.queue import QueueMessage
 
-from shared import deferral, runtime
+from shared import breaker, deferral, runtime
 from shared.intake import record_id
 from tests.hostsim import Context, Out
 from tools.queues import ensure, queue_client, replay
@@ -74,6 +74,7 @@ def test_outage_defers_with_growing_backoff_not_poison(stack, storage_env, captu
     si.revoke_privilege("prvCreateIncident")  # a fault an operator will fix: not the message's
     body = case(si)
     for attempt in range(3):
+        breaker.reset()  # the back-off of deferral itself, as each instance's first message meets it
         raw = body if attempt == 0 else deferral.wrap(body, deferral.Envelope("m-priv", datetime.now(UTC),
                                                                               attempt, streak=attempt)).encode()
         CASES(QueueMessage(id=f"copy-{attempt}", body=raw, dequeue_count=1), Out(), Context())  # never raises
@@ -96,6 +97,7 @@ def test_too_old_or_unclassified_goes_to_poison_as_an_envelope_and_replays_exact
         raise RuntimeError("unexpected")
 
     monkeypatch.setattr(runtime, "intake", broken)
+    breaker.reset()  # the old envelope's fault opened it; this message must reach the intake
     CASES(QueueMessage(id="m-crash", body=case(si, title="crash"), dequeue_count=1), Out(), Context())
     monkeypatch.setattr(runtime, "intake", real_intake)
     poison = queue_client(storage_env, "cases-poison", binary=True)

@@ -518,11 +518,11 @@ ACTION_GROUP_TYPE = "Microsoft.Insights/actionGroups"
 
 
 def test_alert_rules_on_poison_failures_and_throttling() -> None:
-    """Three log alerts on what the app records (shared/telemetry.py), scoped to Application Insights."""
+    """Four log alerts on what the app records (shared/telemetry.py), scoped to Application Insights."""
     from shared.telemetry import PREFIX
 
     rules = {name: body for _, name, body in _all_resources(ALERT_TYPE)}
-    assert set(rules) == {"poisonAlert", "failuresAlert", "throttlingAlert"}
+    assert set(rules) == {"poisonAlert", "failuresAlert", "throttlingAlert", "breakerAlert"}
     path = next(p for p, n, _ in _all_resources(ALERT_TYPE))
     queries = {}
     for name, body in rules.items():
@@ -536,6 +536,7 @@ def test_alert_rules_on_poison_failures_and_throttling() -> None:
     assert "-poison" in queries["poisonAlert"]  # the host's own line when it poisons a message
     assert '"failed"' in queries["failuresAlert"] and "by code" in queries["failuresAlert"]
     assert f'"{PREFIX}.dataverse.throttled"' in queries["throttlingAlert"]
+    assert f'"{PREFIX}.breaker.held"' in queries["breakerAlert"] and "by code" in queries["breakerAlert"]
     sustained = rules["throttlingAlert"]["properties"]["criteria"]["allOf"][0]["failingPeriods"]
     assert sustained["minFailingPeriodsToAlert"] >= 3
 

@@ -4,6 +4,10 @@ A message whose failure lies outside it (throttling, an outage, a missing privil
 back to its own queue with a delay, keeping its key (shared/deferral.py), so it spends no delivery and
 is never poisoned for a cause it does not hold. After INTAKE_DEFERRAL_MAX_HOURS, or for a failure
 nobody can classify, the function sets it aside in <queue>-poison itself, for `tools.queues replay`.
+After a fault only an operator can fix, the breaker (shared/breaker.py) holds new messages without
+trying them, one probe at a time. A message that can never succeed goes to <queue>-rejected, written
+with the SDK so that it never expires; the `rejected` output binding (which sends with Storage's
+7-day default) is used only where no queue storage is configured (a bare test harness).
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 
 import azure.functions as func
 
-from shared import deferral, runtime, storage, telemetry
+from shared import breaker, claims, deferral, runtime, storage, telemetry
 from shared import settings as settings_mod
 from shared.errors import IntakeError
 from shared.validation import Event, parse_case, parse_json, parse_lead
@@ -28,18 +33,34 @@ QUEUE_BUDGET = 60.0  # seconds a message may spend in all (well under functionTi
 KEY_SOURCE = "queue-message"  # namespaces message ids, so they never collide with an externalId
 
 
-def rejection(err: IntakeError, msg: func.QueueMessage, queue: str, body: bytes) -> str:
-    """The record kept in <queue>-rejected: why, and the original body, to fix and replay."""
-    try:
-        original: dict = {"body": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        original = {"bodyBase64": base64.b64encode(body).decode()}
+def rejection(err: IntakeError, msg: func.QueueMessage, queue: str, body: bytes, claim: str | None = None) -> str:
+    """The record kept in <queue>-rejected: why, and the original body (or its claim check), to fix and replay."""
+    original: dict
+    if claim is not None:
+        original = {"bodyClaim": claim}
+    else:
+        try:
+            original = {"body": body.decode("utf-8")}
+        except UnicodeDecodeError:
+            original = {"bodyBase64": base64.b64encode(body).decode()}
     reason = err.to_dict()
     if reason.get("details"):
         reason["details"] = reason["details"][:50]
     return json.dumps({"queue": queue, "messageId": msg.id, "dequeueCount": msg.dequeue_count,
                        "rejectedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "reason": reason, **original})
+                       "reason": reason, **original}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _reject(err: IntakeError, msg: func.QueueMessage, rejected: func.Out[str], queue: str, body: bytes,
+            claim: str | None) -> None:
+    """Keep the record in <queue>-rejected for good; a body too large for a queue message waits in a blob."""
+    if not storage.configured():
+        rejected.set(rejection(err, msg, queue, body, claim))
+        return
+    text = rejection(err, msg, queue, body, claim)
+    if not deferral.fits(text):
+        text = rejection(err, msg, queue, body, claims.put(f"{queue}-rejected", msg.id, body))
+    storage.keep(f"{queue}-rejected", text)
 
 
 def _max_hours() -> float:
@@ -52,20 +73,45 @@ def _max_hours() -> float:
 def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context, queue: str,
              parse: Callable[[dict], Event]) -> None:
     started = time.perf_counter()
-    body, envelope = deferral.unwrap(msg.get_body(), msg.id)
     entity = "incident" if parse is parse_case else "lead"
     with telemetry.get().invocation("queue", entity) as inv:
+        try:
+            body, envelope = deferral.unwrap(msg.get_body(), msg.id)
+        except IntakeError as err:  # a forged or broken envelope: kept with its reason, never tried
+            inv.ended("rejected", code=err.code)
+            _reject(err, msg, rejected, queue, msg.get_body(), None)
+            log.warning("message rejected: invocation=%s queue=%s message_id=%s code=%s detail=%s",
+                        context.invocation_id, queue, msg.id, err.code, err.detail,
+                        extra=telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity,
+                                               queue=queue, message_id=msg.id, code=err.code, outcome="rejected"))
+            return
         inv.attempt = envelope.attempt + 1
         where = telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity, queue=queue,
                                  message_id=envelope.key, attempt=inv.attempt)
+        gate, fault, wait = breaker.admit(entity)
+        if gate == "hold" and fault is not None and storage.configured():
+            delay = wait + random.uniform(0.5, 1.0) * breaker.BASE  # spread the held messages' return
+            deferral.hold(queue, body, envelope, fault, delay)
+            inv.ended("deferred", code=fault.code)
+            inv.reason, inv.breaker = fault.code, "held"
+            telemetry.get().held(entity, fault.code)
+            log.info("message held by the breaker: invocation=%s queue=%s message_id=%s code=%s delay=%.0fs",
+                     context.invocation_id, queue, envelope.key, fault.code, delay,
+                     extra={**where, **telemetry.fields(outcome="deferred", deferral_reason=fault.code,
+                                                        breaker="held")})
+            return
+        probe = gate == "probe"
+        if probe:
+            inv.breaker = "probe"
         try:
             event = parse(parse_json(body))
             outcome = runtime.intake().submit(event, key=envelope.key, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
         except IntakeError as err:
+            breaker.done(entity, err, probe)
             where.update(telemetry.fields(code=err.code, request_id=err.request_id, record_id=err.record_id))
             if err.in_event:
                 inv.ended(telemetry.outcome_of(err), code=err.code, record_id=err.record_id)
-                rejected.set(rejection(err, msg, queue, body))
+                _reject(err, msg, rejected, queue, body, envelope.claim)
                 log.warning("message rejected: invocation=%s queue=%s message_id=%s code=%s request_id=%s",
                             context.invocation_id, queue, envelope.key, err.code, err.request_id or "-",
                             extra={**where, **telemetry.fields(outcome=inv.outcome)})
@@ -81,6 +127,7 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
                         extra={**where, **telemetry.fields(outcome=result, deferral_reason=err.code)})
             return
         except Exception:  # nobody can classify it: set it aside now, with its key, instead of five blind tries
+            breaker.done(entity, IntakeError("internal_error"), probe)
             if not storage.configured():
                 raise
             inv.ended("poisoned", code="internal_error")
@@ -88,6 +135,8 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
                           envelope.key, extra={**where, **telemetry.fields(outcome="poisoned", code="internal_error")})
             deferral.poison(queue, body, envelope, IntakeError("internal_error"))
             return
+        breaker.done(entity, None, probe)
+        deferral.done(envelope)
         inv.ended("created" if outcome.created else "existed", record_id=outcome.id)
         log.info("intake done: invocation=%s queue=%s message_id=%s entity=%s id=%s created=%s request_id=%s "
                  "ms=%.0f", context.invocation_id, queue, envelope.key, outcome.entity, outcome.id, outcome.created,

@@ -75,6 +75,7 @@ var alertActions = empty(alertEmail) ? [] : [alertGroup.id]
 
 var poisonQuery = 'union (customMetrics | where name == "intake.records" and tostring(customDimensions["intake.outcome"]) == "poisoned" | project n = valueSum), (traces | where message has "MaxDequeueCount" and message has "-poison" | project n = 1.0) | summarize n = sum(n)'
 var failuresQuery = 'customMetrics | where name == "intake.records" and tostring(customDimensions["intake.outcome"]) == "failed" | extend code = tostring(customDimensions["intake.code"]) | summarize n = sum(valueSum) by code'
+var breakerQuery = 'customMetrics | where name == "intake.breaker.held" | extend code = tostring(customDimensions["intake.code"]) | summarize n = sum(valueSum) by code'
 var throttlingQuery = 'customMetrics | where name == "intake.dataverse.throttled" | summarize n = sum(valueSum)'
 
 resource poisonAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
@@ -181,6 +182,50 @@ resource throttlingAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-prev
           failingPeriods: {
             numberOfEvaluationPeriods: 3
             minFailingPeriodsToAlert: 3
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: alertActions
+    }
+  }
+}
+
+resource breakerAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
+  name: 'alert-${appInsightsName}-breaker'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'Intake: queue messages held for an operator\'s fix'
+    description: 'The breaker holds queue messages after a fault only an operator can fix (its code: README, Error codes). Fix it; the next probe closes the breaker and the held messages are created once.'
+    severity: 1
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    criteria: {
+      allOf: [
+        {
+          query: breakerQuery
+          timeAggregation: 'Total'
+          metricMeasureColumn: 'n'
+          dimensions: [
+            {
+              name: 'code'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
           }
         }
       ]
