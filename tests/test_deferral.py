@@ -98,9 +98,16 @@ def test_too_old_or_unclassified_goes_to_poison_as_an_envelope_and_replays_exact
 
     monkeypatch.setattr(runtime, "intake", broken)
     breaker.reset()  # the old envelope's fault opened it; this message must reach the intake
-    CASES(QueueMessage(id="m-crash", body=case(si, title="crash"), dequeue_count=1), Out(), Context())
-    monkeypatch.setattr(runtime, "intake", real_intake)
     poison = queue_client(storage_env, "cases-poison", binary=True)
+    # Its first occurrence may be a transient nobody classified: deferred under its key, not poisoned.
+    CASES(QueueMessage(id="m-crash", body=case(si, title="crash"), dequeue_count=1), Out(), Context())
+    assert [deferral.unwrap(m.content, m.id)[1].key for m in poison.peek_messages(max_messages=32)] == ["m-old"]
+    # The same failure again and again (the copy's envelope says so): set aside in -poison, kept.
+    again = deferral.Envelope("m-crash", datetime.now(UTC), queue_intake.UNCLASSIFIED_TRIES - 1,
+                              {"code": "internal_error"}, streak=queue_intake.UNCLASSIFIED_TRIES - 1)
+    CASES(QueueMessage(id="copy-crash", body=deferral.wrap(case(si, title="crash"), again).encode(),
+                       dequeue_count=1), Out(), Context())
+    monkeypatch.setattr(runtime, "intake", real_intake)
     peeked = [deferral.unwrap(m.content, m.id)[1] for m in poison.peek_messages(max_messages=32)]
     assert sorted(e.key for e in peeked) == ["m-crash", "m-old"]
     si.grant_privilege("prvCreateIncident")  # the operator fixes the cause

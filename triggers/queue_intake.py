@@ -31,6 +31,7 @@ queue_bp = func.Blueprint()
 
 QUEUE_BUDGET = 60.0  # seconds a message may spend in all (well under functionTimeout) before it is retried later
 KEY_SOURCE = "queue-message"  # namespaces message ids, so they never collide with an externalId
+UNCLASSIFIED_TRIES = 3  # a failure nobody classified, in a row, before the message is set aside in -poison
 
 
 def rejection(err: IntakeError, msg: func.QueueMessage, queue: str, body: bytes, claim: str | None = None) -> str:
@@ -66,7 +67,7 @@ def _reject(err: IntakeError, msg: func.QueueMessage, rejected: func.Out[str], q
 def _max_hours() -> float:
     try:
         return runtime.settings().deferral_max_hours
-    except IntakeError:  # a wrong setting is itself a cause outside the message: defer it by the default
+    except Exception:  # a wrong setting (or a broken instance) is a cause outside the message: the default
         return float(settings_mod.default("INTAKE_DEFERRAL_MAX_HOURS"))
 
 
@@ -126,14 +127,21 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
                         err.code, delay, err.request_id or "-",
                         extra={**where, **telemetry.fields(outcome=result, deferral_reason=err.code)})
             return
-        except Exception:  # nobody can classify it: set it aside now, with its key, instead of five blind tries
+        except Exception:  # nobody classified it: it may pass (deferred), but not forever (then set aside, kept)
             breaker.done(entity, IntakeError("internal_error"), probe)
             if not storage.configured():
                 raise
-            inv.ended("poisoned", code="internal_error")
-            log.exception("message poisoned: invocation=%s queue=%s message_id=%s", context.invocation_id, queue,
-                          envelope.key, extra={**where, **telemetry.fields(outcome="poisoned", code="internal_error")})
-            deferral.poison(queue, body, envelope, IntakeError("internal_error"))
+            unclassified = IntakeError("internal_error")
+            again = ((envelope.reason or {}).get("code") == "internal_error"
+                     and envelope.streak >= UNCLASSIFIED_TRIES - 1)
+            result, delay = ("poisoned", 0.0) if again else deferral.defer(queue, body, envelope, unclassified,
+                                                                            _max_hours())
+            if again:
+                deferral.poison(queue, body, envelope, unclassified)
+            inv.ended(result, code="internal_error")
+            log.exception("message %s after an unclassified failure: invocation=%s queue=%s message_id=%s "
+                          "delay=%.0fs", result, context.invocation_id, queue, envelope.key, delay,
+                          extra={**where, **telemetry.fields(outcome=result, code="internal_error")})
             return
         breaker.done(entity, None, probe)
         deferral.done(envelope)
