@@ -54,7 +54,7 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
     started = time.perf_counter()
     body, envelope = deferral.unwrap(msg.get_body(), msg.id)
     entity = "incident" if parse is parse_case else "lead"
-    with telemetry.get().invocation("queue", entity) as inv:
+    with telemetry.get().invocation("queue", entity, context) as inv:
         inv.attempt = envelope.attempt + 1
         where = telemetry.fields(invocation=context.invocation_id, trigger="queue", entity=entity, queue=queue,
                                  message_id=envelope.key, attempt=inv.attempt)
