@@ -197,3 +197,16 @@ def test_the_invocation_continues_the_hosts_trace_with_its_dataverse_calls(stand
     deps = [e for e in ingestion.of_type("RemoteDependencyData") if e["data"]["baseData"].get("target") == host]
     assert len(deps) >= 3, len(deps)  # the lookup (in a single-flight thread), the contact and the case
     assert {d["tags"]["ai.operation.id"] for d in deps} == {trace_id}, [d["tags"] for d in deps]
+
+
+def test_scrub_removes_queries_literals_and_emails_in_every_form():
+    from shared.scrub import scrub
+
+    texts = ("GET https://x.example/api/data/v9.2/contacts?%24filter=emailaddress1+eq+%27o%27%27brien%40ex.com%27"
+             " failed",
+             "lookup contacts $filter=telephone1 eq '+49 30 1234567' or emailaddress1 eq 'o''brien@ex.com'",
+             "url: /contacts?$filter=mobilephone eq '+4930123' (Caused by X)", "mail O.Brien%40Ex.com")
+    out = [scrub(t) for t in texts]
+    assert not [o for o in out if any(p in o.lower() for p in ("brien", "1234567", "4930123", "%40"))], out
+    assert out[0].startswith("GET https://x.example/api/data/v9.2/contacts?[query removed] failed")
+    assert out[2].endswith("(Caused by X)")  # the rest of the message stays readable
