@@ -4,18 +4,24 @@ The report also shows this instance's open breakers (shared/breaker.py: code, si
 Steps: settings -> Key Vault (the secret or the certificate; no such step where DYNAMICS_AUTH uses no
 vault) -> Entra ID token -> WhoAmI -> privileges. A failed step marks
 the later ones skipped. Codes and fixes come from the one table in `shared.errors`. A report is kept
-for CACHE_SECONDS and concurrent probes share one run, so a monitor polling it cannot hammer Entra
-ID, Key Vault and Dataverse. It says what an operator needs to act and no more: no ids, no secret
-version, no URLs beyond the environment's host.
+for CACHE_SECONDS and concurrent probes share one walk, so a monitor polling it cannot hammer Entra
+ID, Key Vault and Dataverse. The walk runs in its own thread under DEADLINE_SECONDS, and no lock is
+held while it walks: a caller waits for it until that deadline at most and then answers with the steps
+done so far and the step that did not answer, even if a service holds the walk's connection longer.
+It says what an operator needs to act and no more: no ids, no secret version, no URLs beyond the
+environment's host.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +29,7 @@ from shared import settings as settings_mod
 from shared.auth import TokenProvider
 from shared.credentials import certificate_pem, proof_for
 from shared.dataverse import DataverseClient
+from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.secrets import SecretSource, VaultSecret
 from shared.settings import Settings
@@ -34,8 +41,25 @@ EXPIRY_WARNING_DAYS = 30
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 STEPS = ("settings", "keyvault", "token", "whoami", "privileges")  # without "keyvault" where no vault is used
 CACHE_SECONDS = 30.0
-_cache_lock = threading.Lock()
+DEADLINE_SECONDS = 10.0  # the whole walk: a monitor's probe gets an answer within it, whatever hangs
+STEP_SECONDS = 5.0  # one Dataverse call of the walk
+# A step that did not answer within the deadline is named with the code of its service being unreachable.
+UNANSWERED = {"settings": "internal_error", "keyvault": "keyvault_unreachable", "token": "entra_unavailable",
+              "whoami": "dynamics_unavailable", "privileges": "dynamics_unavailable"}
+log = logging.getLogger(__name__)
+_lock = threading.Lock()  # guards the two below; never held across a walk
 _cached: tuple[float, dict[str, Any]] | None = None
+_walk: tuple[Future[dict[str, Any]], _Progress] | None = None
+
+
+class _Progress:
+    """What a walk has done so far, for a caller whose deadline comes first."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.walked = False  # every step has its result (the queues may still be being read)
+        self.uses_vault = True
+        self.fix_args: dict[str, str] = {}
 
 
 class _FixedToken:
@@ -66,10 +90,21 @@ def _failed(name: str, ms: float, err: IntakeError) -> dict:
     return step
 
 
+def _unanswered(name: str, ms: float, fix_args: dict[str, str]) -> dict:
+    detail = f"No answer within the diagnostics' {DEADLINE_SECONDS:.0f} s deadline."
+    return _failed(name, ms, IntakeError(UNANSWERED[name], detail, fix_args=fix_args))
+
+
 def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None = None,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> dict[str, Any]:
+        now: Callable[[], datetime] = lambda: datetime.now(UTC), deadline: Deadline | None = None,
+        progress: _Progress | None = None) -> dict[str, Any]:
     """Run every step; return {"status": ok|degraded|failed, "steps": [...]}."""
-    steps: list[dict] = []
+    deadline = deadline or Deadline(DEADLINE_SECONDS)
+    progress = progress or _Progress()
+    steps = progress.steps
+
+    def call_budget() -> Deadline:
+        return Deadline(min(STEP_SECONDS, max(deadline.left(), 0.0)))
     clock = time.perf_counter
     state: dict[str, Any] = {}
 
@@ -114,7 +149,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         t = clock()
         provider = TokenProvider(s, proof_for(s, _Pinned(state["secret"]) if "secret" in state else None))
         try:
-            state["token"] = _FixedToken(provider, provider.token())
+            state["token"] = _FixedToken(provider, provider.token(deadline))
         except IntakeError as err:
             if err.code == "entra_invalid_secret" and _GUID.match(state["secret"].value):
                 err.detail += " The vault holds a GUID: that is the secret's ID, not its Value."
@@ -126,7 +161,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         t = clock()
         client = DataverseClient(s, state["token"], pool_size=1, read_timeout=15)
         state["client"] = client
-        who = client.get("WhoAmI", budget=5)
+        who = client.get("WhoAmI", budget=call_budget())
         state["user_id"] = who.get("UserId")
         return _step("whoami", True, (clock() - t) * 1000,
                      detail="the application user exists and is enabled in the environment")
@@ -139,7 +174,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
         for name in PRIVILEGES:
             path = (f"systemusers({state['user_id']})/Microsoft.Dynamics.CRM."
                     f"RetrieveUserPrivilegeByPrivilegeName(PrivilegeName='{name}')")
-            if not client.get(path, budget=5).get("RolePrivileges"):
+            if not client.get(path, budget=call_budget()).get("RolePrivileges"):
                 missing.append(name)
         ms = (clock() - t) * 1000
         if missing:
@@ -159,12 +194,20 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
                 skipped["status"] = "skipped"
                 steps.append(skipped)
                 continue
+            if deadline.expired():
+                steps.append(_unanswered(name, 0.0, progress.fix_args))
+                failed = True
+                continue
             t = clock()
             try:
                 steps.append(fn())
             except IntakeError as err:
                 steps.append(_failed(name, (clock() - t) * 1000, err))
                 failed = True
+            if "settings" in state:
+                progress.fix_args = state["settings"].fix_args()
+                progress.uses_vault = state["settings"].uses_vault
+        progress.walked = True
     finally:
         if "client" in state:
             state["client"].close()
@@ -177,22 +220,79 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     return {"status": status, "steps": steps, "queues": queues, "breaker": held}
 
 
-def cached(ttl: float = CACHE_SECONDS) -> dict[str, Any]:
-    """The last report if younger than `ttl` seconds, else a new one (concurrent callers share one run)."""
-    global _cached
-    with _cache_lock:
-        now = time.monotonic()
-        if _cached is None or now - _cached[0] >= ttl:
-            _cached = (now, run())
-        at, report = _cached
-    return {**report, "ageSeconds": round(time.monotonic() - at, 1)}
+def _start_walk() -> tuple[Future[dict[str, Any]], _Progress]:
+    """A walk in its own thread; called with `_lock` held. Its report is cached unless forgotten meanwhile."""
+    future: Future[dict[str, Any]] = Future()
+    progress = _Progress()
+    walk = (future, progress)
+
+    def attempt() -> None:
+        global _cached, _walk
+        try:
+            report = run(progress=progress)
+        except BaseException as exc:  # a bug: handed to every caller waiting, never swallowed
+            with _lock:
+                if _walk is walk:
+                    _walk = None
+            future.set_exception(exc)
+            return
+        with _lock:
+            if _walk is walk:
+                _cached, _walk = (time.monotonic(), report), None
+        future.set_result(report)
+
+    try:
+        threading.Thread(target=attempt, name="diagnostics", daemon=True).start()
+    except RuntimeError as exc:  # no thread to be had: this caller's report says so
+        log.warning("diagnostics: could not start a thread: %s", exc)
+        future.set_exception(IntakeError("instance_overloaded"))
+        return walk
+    return walk
+
+
+def _partial(progress: _Progress) -> dict[str, Any]:
+    """The report of a walk still running at the caller's deadline: the step it waits on did not answer."""
+    steps = list(progress.steps)
+    shown = {s["name"] for s in steps}
+    remaining = [n for n in STEPS if n not in shown and (n != "keyvault" or progress.uses_vault)]
+    if remaining and not progress.walked:
+        steps.append(_unanswered(remaining[0], DEADLINE_SECONDS * 1000, progress.fix_args))
+        for name in remaining[1:]:
+            skipped = _step(name, False, 0.0, "skipped", "An earlier step failed.")
+            skipped["status"] = "skipped"
+            steps.append(skipped)
+    failed = any(s["status"] in ("failed", "skipped") for s in steps)
+    queues = {"status": "skipped", "detail": "Not read: the walk did not finish within its deadline."}
+    return {"status": "failed" if failed else "degraded", "steps": steps, "queues": queues}
+
+
+def cached(ttl: float = CACHE_SECONDS, wait: float = DEADLINE_SECONDS + 1.0) -> dict[str, Any]:
+    """The last report if younger than `ttl` seconds, else the one of a walk (concurrent callers share one),
+    waited for `wait` seconds at most: past that, what the walk had done and the step it waits on."""
+    global _walk
+    with _lock:
+        if _cached is not None and time.monotonic() - _cached[0] < ttl:
+            at, report = _cached
+            return {**report, "ageSeconds": round(time.monotonic() - at, 1)}
+        walk = _walk or _start_walk()
+        if not walk[0].done():  # done already only when its thread could not start: not shared
+            _walk = walk
+        future, progress = walk
+    try:
+        report = future.result(timeout=wait)
+    except FutureTimeout:
+        report = _partial(progress)
+    except IntakeError as err:  # the walk could not start
+        report = {"status": "failed", "steps": [_failed("settings", 0.0, err)],
+                  "queues": {"status": "skipped", "detail": "Not read."}}
+    return {**report, "ageSeconds": 0.0}
 
 
 def forget() -> None:
-    """Drop the cached report (tests; a restart does the same)."""
-    global _cached
-    with _cache_lock:
-        _cached = None
+    """Drop the cached report and let the next caller start a new walk (tests; a restart does the same)."""
+    global _cached, _walk
+    with _lock:
+        _cached, _walk = None, None
 
 
 class _Pinned:

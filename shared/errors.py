@@ -159,6 +159,10 @@ CODES: dict[str, Code] = {
         "again, or send an externalId or Idempotency-Key so that a retry is always safe."),
     "dynamics_error": Code(502, "Dataverse answered an unexpected error.",
                            "Read the Dataverse code in detail; the request id identifies it for Microsoft support."),
+    "instance_overloaded": Code(
+        503, "This instance could not start a thread for the call (it is at its thread limit).",
+        "Nothing to change: send it again after Retry-After; queue messages are retried automatically. If it "
+        "persists, lower the concurrency per instance (host.json: http maxConcurrentRequests, queues batchSize)."),
     "internal_error": Code(500, "An unexpected error in this app.", "Report it with the correlationId."),
 }
 

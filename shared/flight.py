@@ -5,10 +5,17 @@ Entra ID outage finished one after another), and striped locks held across netwo
 caller wait behind an unrelated caller's throttling. Here an attempt runs in its own thread; each
 waiter waits only until its own deadline, and a failure is remembered for a short back-off so the
 next callers fail at once instead of hammering a service that is down.
+
+The attempt's thread runs in a copy of its starter's context, so its spans (a token request, a contact
+lookup) belong to the starter's trace. If the thread cannot start, the entry is removed at once and the
+caller gets `instance_overloaded` (503, retried later): a dead entry would make every later caller of
+the key wait for an attempt that never runs.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -20,6 +27,7 @@ from shared.deadline import Deadline
 from shared.errors import IntakeError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _own(exc: BaseException) -> BaseException:
@@ -58,7 +66,14 @@ class Flights(Generic[T]):
                 self._failed.pop(key, None)
             future.set_result(result)
 
-        threading.Thread(target=attempt, name=f"flight-{self._name}", daemon=True).start()
+        try:
+            threading.Thread(target=contextvars.copy_context().run, args=(attempt,), name=f"flight-{self._name}",
+                             daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": the process is at its thread limit
+            self._running.pop(key, None)
+            log.warning("flight %s: could not start a thread: %s", self._name, exc)
+            raise IntakeError("instance_overloaded", f"This instance could not start a thread for the {self._name} "
+                              "attempt.") from None
         return future
 
     def join(self, key: Hashable, fn: Callable[[], T]) -> Future[T]:

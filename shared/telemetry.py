@@ -8,7 +8,10 @@ is a no-op: importing function_app costs what it did before.
 What is recorded never holds personal data or a secret: an invocation span carries the entity, the
 trigger, the outcome, the code and the record id; each Dataverse call is a dependency span carrying
 Dataverse's x-ms-service-request-id, its URL without the query string (a contact lookup's filter holds
-an email or a phone); metrics carry entity, trigger, outcome and code only.
+an email or a phone); metrics carry entity, trigger, outcome and code only. On failure paths, exception
+events, span status descriptions and log records are scrubbed of query strings too (shared/scrub.py).
+An invocation span continues the host's trace (the traceparent in the invocation's context), so a
+request and its Dataverse calls are one operation in Application Insights.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class _Off:
     enabled = False
 
     @contextmanager
-    def invocation(self, trigger: str, entity: str) -> Iterator[Invocation]:
+    def invocation(self, trigger: str, entity: str, context: Any = None) -> Iterator[Invocation]:
         yield Invocation(trigger, entity)
 
     def throttled(self, code: str | None) -> None:
@@ -100,8 +103,10 @@ class _On:
 
     def __init__(self) -> None:
         from opentelemetry import metrics, trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._trace = trace
+        self._propagator = TraceContextTextMapPropagator()
         self._tracer = trace.get_tracer(PREFIX)
         meter = metrics.get_meter(PREFIX)
         self._records = meter.create_counter(f"{PREFIX}.records", unit="{record}",
@@ -123,10 +128,25 @@ class _On:
 
         return [Observation(read()) for read in self._concurrency]
 
+    def _host_trace(self, context: Any) -> Any:
+        """The host's trace from the invocation context's traceparent/tracestate (W3C), or None for the current
+        one. Explicit, since the worker does not carry its context into the thread of a sync function."""
+        trace_context = getattr(context, "trace_context", None)
+        parent = getattr(trace_context, "trace_parent", None)
+        if not parent:
+            return None
+        carrier = {"traceparent": str(parent)}
+        state = getattr(trace_context, "trace_state", None)
+        if state:
+            carrier["tracestate"] = str(state)
+        extracted = self._propagator.extract(carrier)
+        return extracted if self._trace.get_current_span(extracted).get_span_context().is_valid else None
+
     @contextmanager
-    def invocation(self, trigger: str, entity: str) -> Iterator[Invocation]:
+    def invocation(self, trigger: str, entity: str, context: Any = None) -> Iterator[Invocation]:
+        """The invocation's span (a child of the host's, from `context`: the func.Context) and its metrics."""
         inv = Invocation(trigger, entity)
-        with self._tracer.start_as_current_span(f"{PREFIX}.{trigger} {entity}",
+        with self._tracer.start_as_current_span(f"{PREFIX}.{trigger} {entity}", context=self._host_trace(context),
                                                 kind=self._trace.SpanKind.SERVER) as span:
             try:
                 yield inv
@@ -199,6 +219,8 @@ def configure(environ: dict[str, str] | None = None) -> bool:
     for name in ("azure", "opentelemetry", "urllib3", "msal"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        from shared.scrub import ScrubLogs, ScrubSpans  # first: exporters see the scrubbed span or record
+
         if connection:
             from azure.monitor.opentelemetry import configure_azure_monitor
 
@@ -209,10 +231,11 @@ def configure(environ: dict[str, str] | None = None) -> bool:
                                     instrumentation_options={"requests": {"enabled": False},
                                                              "urllib3": {"enabled": False},
                                                              "urllib": {"enabled": False}},
-                                    span_processors=_extra_span_processors(otlp, console),
+                                    span_processors=[ScrubSpans(), *_extra_span_processors(otlp, console)],
+                                    log_record_processors=[ScrubLogs()],
                                     metric_readers=_extra_metric_readers(otlp, console))
         else:
-            _configure_sdk(otlp, console)
+            _configure_sdk(otlp, console, ScrubSpans())
         from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
         RequestsInstrumentor().instrument(request_hook=_request_hook, response_hook=_response_hook)
@@ -261,14 +284,14 @@ def _extra_metric_readers(otlp: str, console: bool) -> list[Any]:
     return out
 
 
-def _configure_sdk(otlp: str, console: bool) -> None:
+def _configure_sdk(otlp: str, console: bool, scrub: Any) -> None:
     """OTLP and/or the console without Application Insights: the plain OpenTelemetry SDK."""
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
     tracer_provider = TracerProvider()
-    for processor in _extra_span_processors(otlp, console):
+    for processor in (scrub, *_extra_span_processors(otlp, console)):
         tracer_provider.add_span_processor(processor)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(MeterProvider(metric_readers=_extra_metric_readers(otlp, console)))

@@ -190,3 +190,32 @@ def test_unreachable_queue_storage_is_named_and_diagnostics_still_answers(stack,
 def test_without_storage_settings_queue_health_is_skipped_not_failed(stack):
     status, body, _ = stack.call(DIAG, method="GET", route="api/diagnostics")
     assert (status, body["status"], body["queues"]["status"]) == (200, "ok", "skipped")
+
+
+def test_a_hung_vault_is_named_within_the_deadline_and_blocks_no_other_probe(stack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared import diagnostics
+
+    si = stack.si
+    si.set_hold_seconds(40)  # the vault takes each read and never answers (three tries, 10 s read timeout each)
+    si.fail_next("vault", 6, "timeout_after_apply")
+    limit = diagnostics.DEADLINE_SECONDS + 2.5
+
+    def probe() -> tuple[float, int, dict]:
+        started = time.monotonic()
+        status, body = run(stack)
+        return time.monotonic() - started, status, body
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(probe)
+        time.sleep(1.0)
+        second = pool.submit(probe)  # arrives while the first walk hangs
+        (took_1, status_1, body_1), (took_2, status_2, body_2) = first.result(60), second.result(60)
+    assert took_1 < limit and took_2 < limit, (took_1, took_2)  # neither waits out the vault's hold
+    for status, body in ((status_1, body_1), (status_2, body_2)):
+        assert status == 503
+        step = failed_at(body, "keyvault", "keyvault_unreachable")
+        assert "deadline" in step["detail"]
+    assert 1 <= si.counts["vault"].get(("GET", "secret_get"), 0) <= 2  # one walk for both: its try and its retry
+    si.set_hold_seconds(0)

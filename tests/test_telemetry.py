@@ -134,3 +134,79 @@ def test_traces_metrics_and_logs_reach_application_insights_without_personal_dat
         everything = "\n".join(ingestion.raw)
         leaked = [p for p in (*PERSONAL, si.dynamics_secret, si.kv_secret, *si.issued_tokens) if p in everything]
         assert not leaked, leaked
+
+
+FAILING = r'''
+import json, logging, sys
+logging.getLogger().setLevel(logging.INFO)
+import azure.functions as func
+import function_app
+from shared import telemetry
+from tools.invocation import Context, TraceContext
+from triggers import http_intake
+
+case = http_intake.create_case.build().get_user_function()
+host = TraceContext(trace_parent=sys.argv[1], trace_state="host=1") if len(sys.argv) > 1 else None
+body = {"title": "t", "customer": {"email": "Private.Person@example.com", "firstName": "Privatus"}}
+resp = case(func.HttpRequest("POST", "/api/cases", body=json.dumps(body).encode()), Context(trace_context=host))
+telemetry.get().flush()
+print("RESULT " + json.dumps({"status": resp.status_code, "code": json.loads(resp.get_body())["error"]["code"]
+                              if resp.status_code >= 400 else None}))
+'''
+EMAIL_FORMS = ("private.person@example.com", "private.person%40example.com", "private.person%2540example.com",
+               "%27private.person", "'private.person", "''private.person", "private.person\\u0040example")
+
+
+def run_with_ingestion(si, script: str, *args: str) -> tuple[dict, Ingestion]:
+    ingestion = Ingestion(si.tls.cert_path, si.tls.key_path)
+    with ingestion:
+        env = {**os.environ, **si.settings_env(), "PYTHONPATH": str(ROOT),
+               "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string(),
+               "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true", "OTEL_TRACES_SAMPLER": "always_on"}
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "INTAKE_TELEMETRY_CONSOLE"):
+            env.pop(name, None)
+        out = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT ")), ingestion
+
+
+def test_a_connection_error_on_a_contact_lookup_reaches_application_insights_without_the_email(standin):
+    si = standin
+    si.close_listener("dataverse")  # the token comes from Entra ID; the lookup meets a refused connection
+    result, ingestion = run_with_ingestion(si, FAILING)
+    assert result == {"status": 503, "code": "dynamics_unavailable"}
+    exceptions = [x for e in ingestion.of_type("ExceptionData") for x in e["data"]["baseData"]["exceptions"]]
+    assert any(x["typeName"].endswith("ConnectionError") for x in exceptions), exceptions  # still recorded...
+    everything = "\n".join(ingestion.raw).lower()
+    leaked = [form for form in EMAIL_FORMS if form.lower() in everything]
+    assert not leaked, leaked  # ...without the email, in any encoding
+    assert "privatus" not in everything
+    assert any("/api/data/v9.2/contacts?[query removed]" in x["message"] for x in exceptions), exceptions
+
+
+def test_the_invocation_continues_the_hosts_trace_with_its_dataverse_calls(standin):
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    result, ingestion = run_with_ingestion(standin, FAILING, f"00-{trace_id}-{parent_id}-01")
+    assert result["status"] == 201
+    (request,) = ingestion.of_type("RequestData")
+    assert request["tags"]["ai.operation.id"] == trace_id  # one operation in Application Insights...
+    assert request["tags"]["ai.operation.parentId"] == parent_id  # ...under the host's span
+    host = standin.dataverse_url.split("://", 1)[1]
+    deps = [e for e in ingestion.of_type("RemoteDependencyData") if e["data"]["baseData"].get("target") == host]
+    assert len(deps) >= 3, len(deps)  # the lookup (in a single-flight thread), the contact and the case
+    assert {d["tags"]["ai.operation.id"] for d in deps} == {trace_id}, [d["tags"] for d in deps]
+
+
+def test_scrub_removes_queries_literals_and_emails_in_every_form():
+    from shared.scrub import scrub
+
+    texts = ("GET https://x.example/api/data/v9.2/contacts?%24filter=emailaddress1+eq+%27o%27%27brien%40ex.com%27"
+             " failed",
+             "lookup contacts $filter=telephone1 eq '+49 30 1234567' or emailaddress1 eq 'o''brien@ex.com'",
+             "url: /contacts?$filter=mobilephone eq '+4930123' (Caused by X)", "mail O.Brien%40Ex.com")
+    out = [scrub(t) for t in texts]
+    assert not [o for o in out if any(p in o.lower() for p in ("brien", "1234567", "4930123", "%40"))], out
+    assert out[0].startswith("GET https://x.example/api/data/v9.2/contacts?[query removed] failed")
+    assert out[2].endswith("(Caused by X)")  # the rest of the message stays readable

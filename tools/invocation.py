@@ -33,3 +33,12 @@ class Out:
 
     def get(self) -> str | None:
         return self.value
+
+
+@dataclass
+class TraceContext:
+    """func.TraceContext: the host's W3C trace context for this invocation."""
+
+    trace_parent: str = ""
+    trace_state: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)

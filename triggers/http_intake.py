@@ -35,7 +35,7 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
     deadline = Deadline(HTTP_BUDGET)
     invocation = context.invocation_id
     entity = "incident" if parse is parse_case else "lead"
-    with telemetry.get().invocation("http", entity) as inv:
+    with telemetry.get().invocation("http", entity, context) as inv:
         try:
             event = parse(parse_json(req.get_body()))
             key = idempotency_key(req.headers.get("Idempotency-Key"))

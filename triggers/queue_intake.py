@@ -75,7 +75,7 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
              parse: Callable[[dict], Event]) -> None:
     started = time.perf_counter()
     entity = "incident" if parse is parse_case else "lead"
-    with telemetry.get().invocation("queue", entity) as inv:
+    with telemetry.get().invocation("queue", entity, context) as inv:
         try:
             body, envelope = deferral.unwrap(msg.get_body(), msg.id)
         except IntakeError as err:  # a forged or broken envelope: kept with its reason, never tried

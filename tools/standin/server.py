@@ -110,6 +110,14 @@ class StandIn:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
+    def close_listener(self, service: str) -> None:
+        """Stop one listener and close its port: that service refuses connections (unreachable), the others
+        serve on. ``stop()`` still cleans up."""
+        server = self._servers.pop(service_name(service))
+        server.shutdown()
+        server.close_active()
+        server.server_close()
+
     def __enter__(self) -> StandIn:
         return self.start()
 
