@@ -30,6 +30,9 @@ def vault_resource(vault_url: str) -> str:
     netloc = vault_url.split("://", 1)[-1].split("/", 1)[0]
     return "https://" + netloc.split(".", 1)[1]
 
+_FIC_HINT = ("Check your federated identity credential Subject, Audience and Issuer against the presented assertion. "
+             "https://learn.microsoft.com/entra/workload-id/workload-identity-federation")
+
 MESSAGES = {
     90002: "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
            "into the correct cloud. Check with your subscription administrator, this may happen if there are "
@@ -61,6 +64,13 @@ MESSAGES = {
             "{nbf}, expiry time of assertion {exp}.",
     70021: "No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. "
            "Assertion Subject: '{subject}'. Assertion Audience: '{audience}'.",
+    # Entra ID names the part of a federated assertion that matched no federated credential: 700211 the
+    # issuer, 700212 the audience, 700213 the subject (e.g. Azure/login#482, azure-workload-identity#1200:
+    # "AADSTS700213: No matching federated identity record found for presented assertion subject '...'.
+    # Check your federated identity credential Subject, Audience and Issuer against the presented assertion.").
+    700211: "No matching federated identity record found for presented assertion issuer '{value}'. " + _FIC_HINT,
+    700212: "No matching federated identity record found for presented assertion audience '{value}'. " + _FIC_HINT,
+    700213: "No matching federated identity record found for presented assertion subject '{value}'. " + _FIC_HINT,
     50027: "JWT token is invalid or malformed.",
     50196: "The server terminated an operation because it encountered a client request loop.",
 }
@@ -438,11 +448,14 @@ class EntraService:
         if info is None:
             return self.error(req, 401, "invalid_client", 50027)
         issuer, subject = self.directory.issuer(), self.directory.identities.get(info.client_id, "")
-        for want in self.directory.registration(client_id).federated:
-            if want == (issuer, subject, EXCHANGE_AUDIENCE):
-                return None
-        return self.error(req, 400, "invalid_request", 70021, issuer=issuer, subject=subject,
-                          audience=EXCHANGE_AUDIENCE)
+        records = self.directory.registration(client_id).federated
+        # Entra ID narrows the app's federated credentials part by part and names the first part that
+        # left none: issuer (700211), then subject (700213), then audience (700212).
+        for number, index, value in ((700211, 0, issuer), (700213, 1, subject), (700212, 2, EXCHANGE_AUDIENCE)):
+            records = [r for r in records if r[index] == value]
+            if not records:
+                return self.error(req, 401, "invalid_client", number, value=value)
+        return None
 
     def managed_identity(self, req: Request) -> Response:
         """The App Service / Functions identity endpoint (IDENTITY_ENDPOINT + IDENTITY_HEADER, 2019-08-01)."""
