@@ -20,8 +20,17 @@ param environmentName string
 })
 param location string
 
-@description('Object id of the user or service principal running azd (azd fills AZURE_PRINCIPAL_ID). When set, it may write secrets to the vault.')
+@description('Object id of the user or service principal running azd (azd fills AZURE_PRINCIPAL_ID). When set, it may write secrets to the vault and read and write the queues (and blobs) with the operator CLI.')
 param principalId string = ''
+
+@allowed([
+  ''
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+@description('AZURE_PRINCIPAL_TYPE: what principalId is; empty means User (a pipeline signed in as a service principal sets ServicePrincipal).')
+param principalType string = ''
 
 // The settings the app reads (shared/settings.py, SETTINGS). Each required one is fed from the azd
 // environment variable of the same name, see main.parameters.json.
@@ -155,6 +164,8 @@ module storage 'modules/storage.bicep' = {
     deploymentContainerName: 'app-package'
     queueNames: queueNames
     principalId: identity.outputs.principalId
+    deployerPrincipalId: principalId
+    deployerPrincipalType: empty(principalType) ? 'User' : principalType
   }
 }
 
