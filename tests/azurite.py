@@ -18,10 +18,16 @@ def free_port() -> int:
 
 
 class Azurite:
-    def __init__(self) -> None:
+    def __init__(self, oauth_tls: tuple[str, str] | None = None) -> None:
+        """`oauth_tls` (certificate, key): HTTPS with Entra ID bearer tokens (`--oauth basic`)."""
         self.dir = tempfile.mkdtemp(prefix="azurite-")
         self.ports = {"blob": free_port(), "queue": free_port(), "table": free_port()}
-        self.proc = localstack.start_azurite(Path(self.dir), self.ports)
+        self.proc = localstack.start_azurite(Path(self.dir), self.ports, oauth_tls)
+
+    @property
+    def queue_url(self) -> str:
+        """The queue endpoint as --account-url takes it (Azurite's account is the first path segment)."""
+        return f"https://127.0.0.1:{self.ports['queue']}/devstoreaccount1"
 
     @property
     def connection_string(self) -> str:

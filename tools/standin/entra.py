@@ -76,6 +76,7 @@ MESSAGES = {
 }
 
 
+STORAGE_AUDIENCE = "https://storage.azure.com"  # Azure Storage's resource (scope https://storage.azure.com/.default)
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 
@@ -174,12 +175,25 @@ class Directory:
             return self._apps.get(client_id, {}).get(value)
 
     def issue(self, client_id: str, audience: str) -> tuple[str, int]:
-        token = "sti1." + secrets.token_urlsafe(32)
+        lifetime = self.token_lifetime
+        token = (self._storage_token(client_id, lifetime) if audience == STORAGE_AUDIENCE
+                 else "sti1." + secrets.token_urlsafe(32))
         with self._lock:
-            lifetime = self.token_lifetime
             self._tokens[token] = TokenInfo(client_id, audience, time.time() + lifetime, self._generation)
             self._issued.append(token)
         return token, lifetime
+
+    def _storage_token(self, client_id: str, lifetime: int) -> str:
+        """A JWT shaped like Entra ID's v1 access token for Azure Storage, which the storage service (and
+        Azurite with `--oauth basic`) reads: iss https://sts.windows.net/<tenant>/, aud https://storage.azure.com,
+        iat/nbf/exp. Azurite checks issuer, audience and lifetime, not the signature, so it is unsigned."""
+        tenant, now = self.state.ids.tenant_id, int(time.time())
+        principal = self.identities.get(client_id) or str(uuid.uuid5(uuid.NAMESPACE_URL, client_id))
+        claims = {"aud": STORAGE_AUDIENCE, "iss": f"https://sts.windows.net/{tenant}/", "iat": now, "nbf": now,
+                  "exp": now + lifetime, "appid": client_id, "oid": principal, "sub": principal, "tid": tenant,
+                  "uti": secrets.token_urlsafe(16), "ver": "1.0"}
+        header = {"typ": "JWT", "alg": "none"}
+        return ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)) + "."
 
     def revoke_all(self) -> None:
         """Every token issued so far stops working at Dataverse; later ones work."""
@@ -492,4 +506,6 @@ class EntraService:
         vault = vault_resource(self.state.urls["vault"])
         if res == vault:
             return vault
+        if res == STORAGE_AUDIENCE:
+            return STORAGE_AUDIENCE
         return None
