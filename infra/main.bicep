@@ -226,5 +226,7 @@ output AZURE_FUNCTION_APP_URL string = functionApp.outputs.url
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_KEY_VAULT_URI string = keyVault.outputs.vaultUri
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+// For the operator CLI: python -m tools.queues replay cases --account-url "$(azd env get-value AZURE_STORAGE_QUEUE_ENDPOINT)"
+output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.queueEndpoint
 output AZURE_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId

@@ -526,6 +526,8 @@ def test_outputs() -> None:
     assert isinstance(url, str) and _INTERPOLATION.sub("X", url) == "https://X"
     assert _points_to(where, _interpolations(url)[0], SITE_TYPE, "properties", "defaultHostName")
     assert _points_to(MAIN, outputs["AZURE_KEY_VAULT_URI"]["value"], VAULT_TYPE, "properties", "vaultUri")
+    queue = outputs["AZURE_STORAGE_QUEUE_ENDPOINT"]["value"]  # the operator CLI's --account-url
+    assert _points_to(MAIN, queue, STORAGE_TYPE, "properties", "primaryEndpoints", "queue")
 
 
 def test_azure_yaml_service_is_the_tagged_function_app() -> None:

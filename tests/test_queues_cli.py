@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.azurite import cli_as, signed_in, token_account
+
 ROOT = Path(__file__).resolve().parent.parent
 STORAGE = "https://storage.azure.com"  # the audience of a token for Azure Storage
 
@@ -67,47 +69,6 @@ def test_send_creates_the_queue_and_prints_the_id(azurite):
 
 
 # ---- --account-url: the deployed account, whose shared keys are off, reached with an Entra ID token -----------
-
-@pytest.fixture
-def oauth_azurite(standin):
-    """Azurite over HTTPS (the stand-in's trustme certificate) accepting only what a bearer token proves
-    (`--oauth basic`); beside the default Azurite the other tests use."""
-    from tests.azurite import Azurite
-
-    az = Azurite(oauth_tls=(standin.tls.cert_path, standin.tls.key_path))
-    yield az
-    az.stop()
-
-
-def signed_in(si, **override: str) -> dict[str, str]:
-    """What `az login` stands for here: EnvironmentCredential's variables, pointed at the stand-in's Entra ID.
-    AZURE_STORAGE_CONNECTION_STRING names an unreachable account, so nothing can succeed through it."""
-    from tools.queues import azurite_connection_string
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "IDENTITY_"))}
-    wanted = ("AZURE_AUTHORITY_HOST", "AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "REQUESTS_CA_BUNDLE")
-    env.update({k: v for k, v in si.settings_env().items() if k in wanted})
-    env["AZURE_STORAGE_CONNECTION_STRING"] = azurite_connection_string(queue_port=9)
-    env.update(override)
-    return env
-
-
-def cli_as(env: dict[str, str], *args: str) -> tuple[int, str, str, float]:
-    started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "tools.queues", *args], check=False, cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
-    return out.returncode, out.stdout, out.stderr, time.monotonic() - started
-
-
-def token_account(si, url: str):
-    """The test's own way in: a real ClientSecretCredential from the stand-in, trusting its CA."""
-    from azure.identity import ClientSecretCredential
-
-    from tools.queues import Account
-
-    return Account(url, ClientSecretCredential(si.tenant_id, si.kv_client_id, si.kv_secret, authority=si.entra_url,
-                                               disable_instance_discovery=True, connection_verify=si.ca_path))
-
 
 def test_replay_with_account_url_moves_poison_back_with_an_entra_token(standin, oauth_azurite):
     from tools.queues import ensure, queue_client
