@@ -20,8 +20,17 @@ param environmentName string
 })
 param location string
 
-@description('Object id of the user or service principal running azd (azd fills AZURE_PRINCIPAL_ID). When set, it may write secrets to the vault.')
+@description('Object id of the user or service principal running azd (azd fills AZURE_PRINCIPAL_ID). When set, it may write secrets to the vault and read and write the queues (and blobs) with the operator CLI.')
 param principalId string = ''
+
+@allowed([
+  ''
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+@description('AZURE_PRINCIPAL_TYPE: what principalId is; empty means User (a pipeline signed in as a service principal sets ServicePrincipal).')
+param principalType string = ''
 
 // The settings the app reads (shared/settings.py, SETTINGS). Each required one is fed from the azd
 // environment variable of the same name, see main.parameters.json.
@@ -158,6 +167,8 @@ module storage 'modules/storage.bicep' = {
     deploymentContainerName: 'app-package'
     queueNames: queueNames
     principalId: identity.outputs.principalId
+    deployerPrincipalId: principalId
+    deployerPrincipalType: empty(principalType) ? 'User' : principalType
   }
 }
 
@@ -218,5 +229,7 @@ output AZURE_FUNCTION_APP_URL string = functionApp.outputs.url
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_KEY_VAULT_URI string = keyVault.outputs.vaultUri
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+// For the operator CLI: python -m tools.queues replay cases --account-url "$(azd env get-value AZURE_STORAGE_QUEUE_ENDPOINT)"
+output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.queueEndpoint
 output AZURE_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId

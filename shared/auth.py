@@ -39,7 +39,12 @@ _AADSTS = {
     700027: "entra_certificate_not_registered",
     700024: "entra_certificate_expired",
     70021: "entra_federation_mismatch",
+    700211: "entra_federation_mismatch",
+    700212: "entra_federation_mismatch",
+    700213: "entra_federation_mismatch",
 }
+# Which part of the federated assertion matched no federated credential, where Entra ID says so.
+_FEDERATION_PART = {700211: "issuer", 700212: "audience", 700213: "subject"}
 
 
 class Proof(Protocol):
@@ -119,7 +124,10 @@ def entra_error(exc: Exception, settings: Settings) -> IntakeError:
     for number in codes:
         if number in _AADSTS:
             code = _AADSTS[number]
-            return IntakeError(code, f"Entra ID answered AADSTS{number}. {ids}".strip(),
+            part = _FEDERATION_PART.get(number)
+            said = (f": the {part} of the managed identity's token matches no federated credential on the app "
+                    "registration" if part else "")
+            return IntakeError(code, f"Entra ID answered AADSTS{number}{said}. {ids}".strip(),
                                request_id=request_id, upstream_code=f"AADSTS{number}", fix_args=fix)
     if settings.auth == "managed_identity" or isinstance(exc, CredentialUnavailableError) or \
             "ManagedIdentityCredential" in str(exc):

@@ -109,7 +109,8 @@ CODES: dict[str, Code] = {
         "registration; no restart is needed. If the certificate is still valid, check the host's clock.",
         operator=True),
     "entra_federation_mismatch": Code(
-        502, "No federated credential on the app registration matches the managed identity's token (AADSTS70021).",
+        502, "No federated credential on the app registration matches the managed identity's token (AADSTS70021; "
+             "AADSTS700211/700212/700213 name the part that did not match: issuer/audience/subject).",
         "App registrations > {client_id} > Certificates & secrets > Federated credentials: add one with issuer "
         "https://login.microsoftonline.com/<tenant>/v2.0, subject = the user-assigned identity's object (principal) "
         "id, audience api://AzureADTokenExchange (README, Deploy).", operator=True),

@@ -17,7 +17,7 @@ from shared import storage
 INTAKE_QUEUES = ("cases", "leads")
 _FIXES = {
     "queue_poisoned": "Find the cause in the logs (outcome failed, its code) and fix it; then move the messages back, "
-                      "each is created once: python -m tools.queues replay {queue}",
+                      "each is created once: python -m tools.queues replay {queue}{where}",
     "queue_storage_unreachable": "Check AzureWebJobsStorage (locally: is Azurite running?) and the app's outbound "
                                  "network; the queue triggers cannot run either.",
     "queue_storage_forbidden": "Give the app's identity 'Storage Queue Data Contributor' on the storage account.",
@@ -69,10 +69,20 @@ def check(environ: Mapping[str, str]) -> dict[str, Any]:
     poisoned = [r for r in rows if r["poison"]]
     if poisoned:
         names = ", ".join(f"{r['queue']}-poison ({r['poison']})" for r in poisoned)
-        fix = "; ".join(_FIXES["queue_poisoned"].format(queue=r["queue"]) for r in poisoned[:1])
+        fix = _FIXES["queue_poisoned"].format(queue=poisoned[0]["queue"], where=_replay_from(environ))
         return {"status": "warning", "code": "queue_poisoned", "detail": f"Poisoned messages wait in {names}.",
                 "fix": fix, "queues": rows}
     return {"status": "ok", "queues": rows}
+
+
+def _replay_from(environ: Mapping[str, str]) -> str:
+    """The replay command's way into this storage: in Azure the account refuses keys (shared keys are off),
+    so the operator names the queue endpoint and signs in with Entra ID; locally the connection string."""
+    url = (environ.get("AzureWebJobsStorage__queueServiceUri") or "").rstrip("/")
+    if (environ.get("AzureWebJobsStorage") or "").strip() or not url:
+        return ""
+    return (f" --account-url {url} (after az login, as a user holding Storage Queue Data Contributor on the "
+            "account: azd provision grants it to AZURE_PRINCIPAL_ID)")
 
 
 def _failed(code: str, detail: str) -> dict[str, Any]:

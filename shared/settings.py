@@ -96,9 +96,7 @@ class Settings:
     @property
     def is_public_authority(self) -> bool:
         """MSAL's instance discovery only makes sense against Microsoft's own login hosts."""
-        host = urlsplit(self.authority_host or "https://login.microsoftonline.com").hostname or ""
-        return host.startswith("login.") and host.endswith(
-            (".microsoftonline.com", ".microsoftonline.us", ".partner.microsoftonline.cn"))
+        return is_public_authority(self.authority_host)
 
     def fix_args(self) -> dict[str, str]:
         """Values the operator-facing fix texts may name (never a secret)."""
@@ -177,3 +175,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                     dataverse_concurrency=int(numbers["INTAKE_DATAVERSE_CONCURRENCY"]),
                     deferral_max_hours=numbers["INTAKE_DEFERRAL_MAX_HOURS"],
                     batch_size=int(numbers["INTAKE_BATCH_SIZE"]), batch_window_ms=numbers["INTAKE_BATCH_WINDOW_MS"])
+
+
+def is_public_authority(authority_host: str | None) -> bool:
+    """Is AZURE_AUTHORITY_HOST (None: the public cloud) one of Microsoft's own login hosts? Elsewhere (a
+    stand-in) a credential needs `disable_instance_discovery`, or MSAL asks login.microsoftonline.com."""
+    host = urlsplit(authority_host or "https://login.microsoftonline.com").hostname or ""
+    return host.startswith("login.") and host.endswith(
+        (".microsoftonline.com", ".microsoftonline.us", ".partner.microsoftonline.cn"))

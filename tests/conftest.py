@@ -138,6 +138,17 @@ def azurite() -> Iterator[Any]:
     az.stop()
 
 
+@pytest.fixture
+def oauth_azurite(standin: StandIn) -> Iterator[Any]:
+    """A second Azurite, over HTTPS (the stand-in's trustme certificate) with `--oauth basic`: it lets in a
+    bearer token for https://storage.azure.com from the stand-in's Entra ID, as a keyless account would."""
+    from tests.azurite import Azurite
+
+    az = Azurite(oauth_tls=(standin.tls.cert_path, standin.tls.key_path))
+    yield az
+    az.stop()
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if LEAK_CHECKED["tests"]:
         terminalreporter.write_line(

@@ -164,13 +164,26 @@ def test_certificate_missing_or_unusable_in_the_vault(stack, monkeypatch):
     assert (status, err["code"]) == (502, "keyvault_certificate_unusable")
 
 
-def test_no_federated_credential_matches(stack, monkeypatch):
+FEDERATION_PARTS = {"issuer": "AADSTS700211", "audience": "AADSTS700212", "subject": "AADSTS700213"}
+
+
+def mismatching_federation(stack, monkeypatch, part: str) -> None:
+    """The app trusts a federated credential that differs from the managed identity's token in `part` only."""
     si = stack.si
     mi = si.add_managed_identity()
-    si.add_federated_credential("00000000-0000-0000-0000-00000000abcd")  # another identity's subject
+    right = {"subject": mi["principal_id"], "issuer": None, "audience": "api://AzureADTokenExchange"}
+    wrong = {"subject": "00000000-0000-0000-0000-00000000abcd",  # another identity's object id
+             "issuer": "https://token.actions.githubusercontent.com", "audience": "api://SomeOtherExchange"}
+    si.add_federated_credential(**{**right, part: wrong[part]})
     use(monkeypatch, "federated", drop=VAULT_ONLY, AZURE_CLIENT_ID=mi["client_id"], **si.identity_env())
-    status, err = error_of(stack, si)
-    assert (status, err["code"], err["upstreamCode"]) == (502, "entra_federation_mismatch", "AADSTS70021")
+
+
+@pytest.mark.parametrize("part", FEDERATION_PARTS)
+def test_federated_credential_mismatch_names_the_part(stack, monkeypatch, part):
+    mismatching_federation(stack, monkeypatch, part)
+    status, err = error_of(stack, stack.si)
+    assert (status, err["code"], err["upstreamCode"]) == (502, "entra_federation_mismatch", FEDERATION_PARTS[part])
+    assert f"the {part} of the managed identity's token" in err["message"], err
 
 
 @pytest.mark.parametrize("mode", ["federated", "managed_identity"])
@@ -232,6 +245,17 @@ def test_diagnostics_without_a_vault_have_no_vault_step(stack, request, mode):
     assert (status, body["status"]) == (200, "ok"), body
     assert [s["name"] for s in body["steps"]] == ["settings", "token", "whoami", "privileges"]
     assert stack.si.counts["vault"].get("total", 0) == 0
+
+
+@pytest.mark.parametrize("part", FEDERATION_PARTS)
+def test_diagnostics_name_the_federated_credential_part_that_did_not_match(stack, monkeypatch, part):
+    mismatching_federation(stack, monkeypatch, part)
+    status, body = diagnose(stack)
+    assert (status, body["status"]) == (503, "failed"), body
+    token = {s["name"]: s for s in body["steps"]}["token"]
+    assert (token["status"], token["code"]) == ("failed", "entra_federation_mismatch")
+    assert f"the {part} of the managed identity's token" in token["detail"], token
+    assert all(f"the {other} of" not in token["detail"] for other in FEDERATION_PARTS if other != part)
 
 
 def test_diagnostics_certificate_expiring_soon_is_degraded(stack, monkeypatch):

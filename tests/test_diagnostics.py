@@ -219,3 +219,32 @@ def test_a_hung_vault_is_named_within_the_deadline_and_blocks_no_other_probe(sta
         assert "deadline" in step["detail"]
     assert 1 <= si.counts["vault"].get(("GET", "secret_get"), 0) <= 2  # one walk for both: its try and its retry
     si.set_hold_seconds(0)
+
+
+def test_in_azure_the_poison_fix_is_a_replay_command_that_works_there(stack, oauth_azurite, monkeypatch):
+    """Identity-based host storage (as the template sets it) on a keyless account: the fix names
+    `--account-url` with the account's queue endpoint, and that very command moves the messages back."""
+    import shlex
+
+    from tests.azurite import cli_as, signed_in, token_account
+    from tools.queues import ensure, queue_client
+
+    si = stack.si
+    mi = si.add_managed_identity()
+    monkeypatch.delenv("AzureWebJobsStorage", raising=False)
+    for name, value in {"AzureWebJobsStorage__queueServiceUri": oauth_azurite.queue_url,
+                        "AzureWebJobsStorage__credential": "managedidentity",
+                        "AzureWebJobsStorage__clientId": mi["client_id"], **si.identity_env()}.items():
+        monkeypatch.setenv(name, value)
+    poison = ensure(queue_client(token_account(si, oauth_azurite.queue_url), "cases-poison",
+                                 connection_verify=si.ca_path))
+    poison.send_message('{"title": "poisoned in Azure"}')
+
+    status, body, _ = stack.call(DIAG, method="GET", route="api/diagnostics")
+    assert (status, body["queues"]["status"], body["queues"]["code"]) == (503, "warning", "queue_poisoned"), body
+    fix = body["queues"]["fix"]
+    command = f"python -m tools.queues replay cases --account-url {oauth_azurite.queue_url}"
+    assert command in fix and "az login" in fix and "Storage Queue Data Contributor" in fix, fix
+    code, out, err, _ = cli_as(signed_in(si), *shlex.split(command)[3:])
+    assert (code, out.strip()) == (0, "moved 1 message(s)"), err
+    assert poison.get_queue_properties().approximate_message_count == 0

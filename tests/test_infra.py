@@ -335,10 +335,10 @@ def _is_app_identity(path: Path, role_assignment: dict) -> bool:
 @pytest.mark.parametrize("role", sorted(APP_ROLES))
 def test_app_identity_has_role(role: str) -> None:
     role_id, scope_type = APP_ROLES[role]
-    found = [(path, name, body) for path, name, body, guid in _role_assignments() if guid == role_id]
-    assert len(found) == 1, f"{role}: expected one assignment, found {len(found)}"
+    found = [(path, name, body) for path, name, body, guid in _role_assignments()
+             if guid == role_id and _is_app_identity(path, body)]
+    assert len(found) == 1, f"{role}: expected one assignment to the app's managed identity, found {len(found)}"
     path, name, body = found[0]
-    assert _is_app_identity(path, body), f"{role} is not granted to the app's managed identity"
     assert body["properties"]["principalType"] == "ServicePrincipal"
     scope = _resources(path).get(body["scope"])
     assert scope is not None and scope["type"] == scope_type, f"{role} must be scoped to the {scope_type}"
@@ -349,6 +349,43 @@ def test_app_identity_has_role(role: str) -> None:
 def test_app_identity_has_no_other_role() -> None:
     granted = {guid for path, _, body, guid in _role_assignments() if _is_app_identity(path, body)}
     assert granted == {role_id for role_id, _ in APP_ROLES.values()}
+
+
+# What the deployer (azd's AZURE_PRINCIPAL_ID) needs for `python -m tools.queues ... --account-url`: shared
+# keys are off, so the queues (and a claim-check body's blob) are reached with the user's own Entra ID token.
+DEPLOYER_STORAGE_ROLES = {
+    "Storage Queue Data Contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
+    "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+}
+
+
+def _is_deployer(path: Path, role_assignment: dict) -> bool:
+    """Does the assignment's principal trace back to main.bicep's `principalId` (azd's AZURE_PRINCIPAL_ID)?"""
+    where, value = _resolve(path, role_assignment["properties"]["principalId"])
+    return where == MAIN.resolve() and value == "principalId"
+
+
+@pytest.mark.parametrize("role", sorted(DEPLOYER_STORAGE_ROLES))
+def test_deployer_gets_storage_data_role_when_given(role: str) -> None:
+    assert _parameters_file()["principalId"]["value"] == "${AZURE_PRINCIPAL_ID}"
+    found = [(path, name, body) for path, name, body, guid in _role_assignments()
+             if guid == DEPLOYER_STORAGE_ROLES[role] and _is_deployer(path, body)]
+    assert len(found) == 1, f"{role}: expected one assignment to the deployer, found {len(found)}"
+    path, name, body = found[0]
+    scope = _resources(path).get(body["scope"])
+    assert scope is not None and scope["type"] == STORAGE_TYPE, f"{role} must be scoped to the storage account"
+    # Only when a principal is given: `azd provision` by a pipeline without one must not fail.
+    condition = _resources(path)[name]["config"]["condition"]
+    assert condition["operator"]["type"] == "not", condition
+    function = condition["operator"]["operands"]["bool_value"]["function"]
+    assert function["type"] == "empty"
+    assert _resolve(path, function["parameters"]["item_to_test"]) == (MAIN.resolve(), "principalId")
+    # principalType: User unless AZURE_PRINCIPAL_TYPE says otherwise (a service principal in a pipeline).
+    assert _parameters_file()["principalType"]["value"] == "${AZURE_PRINCIPAL_TYPE}"
+    kind = body["properties"]["principalType"]
+    assert _main_params_reached(path, kind) == {"principalType"}
+    assert "User" in _literals(path, kind)
+    assert _doc(MAIN)["parameters"]["principalType"]["default"] == ""
 
 
 def test_key_vault_uses_rbac_and_soft_delete() -> None:
@@ -489,6 +526,8 @@ def test_outputs() -> None:
     assert isinstance(url, str) and _INTERPOLATION.sub("X", url) == "https://X"
     assert _points_to(where, _interpolations(url)[0], SITE_TYPE, "properties", "defaultHostName")
     assert _points_to(MAIN, outputs["AZURE_KEY_VAULT_URI"]["value"], VAULT_TYPE, "properties", "vaultUri")
+    queue = outputs["AZURE_STORAGE_QUEUE_ENDPOINT"]["value"]  # the operator CLI's --account-url
+    assert _points_to(MAIN, queue, STORAGE_TYPE, "properties", "primaryEndpoints", "queue")
 
 
 def test_azure_yaml_service_is_the_tagged_function_app() -> None:

@@ -62,8 +62,12 @@ def wait_port(port: int, seconds: float) -> bool:
     return False
 
 
-def start_azurite(location: Path, ports: dict[str, int]) -> subprocess.Popen | None:
-    """Azurite on 127.0.0.1 (blob, queue, table); None when one already listens on the queue port."""
+def start_azurite(location: Path, ports: dict[str, int],
+                  oauth_tls: tuple[str, str] | None = None) -> subprocess.Popen | None:
+    """Azurite on 127.0.0.1 (blob, queue, table); None when one already listens on the queue port.
+
+    With `oauth_tls` (certificate and key PEM paths) it serves HTTPS and accepts Entra ID bearer tokens
+    (`--oauth basic`: issuer, audience and lifetime are checked), as a storage account without shared keys."""
     if port_open(ports["queue"]):
         print(f"Azurite already listening on {ports['queue']}: using it")
         return None
@@ -73,7 +77,8 @@ def start_azurite(location: Path, ports: dict[str, int]) -> subprocess.Popen | N
     proc = subprocess.Popen(
         [str(AZURITE), "--location", str(location), "--silent", "--skipApiVersionCheck", "--loose",
          "--blobHost", "127.0.0.1", "--blobPort", str(ports["blob"]), "--queueHost", "127.0.0.1",
-         "--queuePort", str(ports["queue"]), "--tableHost", "127.0.0.1", "--tablePort", str(ports["table"])],
+         "--queuePort", str(ports["queue"]), "--tableHost", "127.0.0.1", "--tablePort", str(ports["table"]),
+         *(["--oauth", "basic", "--cert", oauth_tls[0], "--key", oauth_tls[1]] if oauth_tls else [])],
         stdout=subprocess.DEVNULL)
     if not (wait_port(ports["queue"], 30) and wait_port(ports["blob"], 10)):
         stop(proc)

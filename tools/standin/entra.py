@@ -30,6 +30,9 @@ def vault_resource(vault_url: str) -> str:
     netloc = vault_url.split("://", 1)[-1].split("/", 1)[0]
     return "https://" + netloc.split(".", 1)[1]
 
+_FIC_HINT = ("Check your federated identity credential Subject, Audience and Issuer against the presented assertion. "
+             "https://learn.microsoft.com/entra/workload-id/workload-identity-federation")
+
 MESSAGES = {
     90002: "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
            "into the correct cloud. Check with your subscription administrator, this may happen if there are "
@@ -61,11 +64,19 @@ MESSAGES = {
             "{nbf}, expiry time of assertion {exp}.",
     70021: "No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. "
            "Assertion Subject: '{subject}'. Assertion Audience: '{audience}'.",
+    # Entra ID names the part of a federated assertion that matched no federated credential: 700211 the
+    # issuer, 700212 the audience, 700213 the subject (e.g. Azure/login#482, azure-workload-identity#1200:
+    # "AADSTS700213: No matching federated identity record found for presented assertion subject '...'.
+    # Check your federated identity credential Subject, Audience and Issuer against the presented assertion.").
+    700211: "No matching federated identity record found for presented assertion issuer '{value}'. " + _FIC_HINT,
+    700212: "No matching federated identity record found for presented assertion audience '{value}'. " + _FIC_HINT,
+    700213: "No matching federated identity record found for presented assertion subject '{value}'. " + _FIC_HINT,
     50027: "JWT token is invalid or malformed.",
     50196: "The server terminated an operation because it encountered a client request loop.",
 }
 
 
+STORAGE_AUDIENCE = "https://storage.azure.com"  # Azure Storage's resource (scope https://storage.azure.com/.default)
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 
@@ -164,12 +175,25 @@ class Directory:
             return self._apps.get(client_id, {}).get(value)
 
     def issue(self, client_id: str, audience: str) -> tuple[str, int]:
-        token = "sti1." + secrets.token_urlsafe(32)
+        lifetime = self.token_lifetime
+        token = (self._storage_token(client_id, lifetime) if audience == STORAGE_AUDIENCE
+                 else "sti1." + secrets.token_urlsafe(32))
         with self._lock:
-            lifetime = self.token_lifetime
             self._tokens[token] = TokenInfo(client_id, audience, time.time() + lifetime, self._generation)
             self._issued.append(token)
         return token, lifetime
+
+    def _storage_token(self, client_id: str, lifetime: int) -> str:
+        """A JWT shaped like Entra ID's v1 access token for Azure Storage, which the storage service (and
+        Azurite with `--oauth basic`) reads: iss https://sts.windows.net/<tenant>/, aud https://storage.azure.com,
+        iat/nbf/exp. Azurite checks issuer, audience and lifetime, not the signature, so it is unsigned."""
+        tenant, now = self.state.ids.tenant_id, int(time.time())
+        principal = self.identities.get(client_id) or str(uuid.uuid5(uuid.NAMESPACE_URL, client_id))
+        claims = {"aud": STORAGE_AUDIENCE, "iss": f"https://sts.windows.net/{tenant}/", "iat": now, "nbf": now,
+                  "exp": now + lifetime, "appid": client_id, "oid": principal, "sub": principal, "tid": tenant,
+                  "uti": secrets.token_urlsafe(16), "ver": "1.0"}
+        header = {"typ": "JWT", "alg": "none"}
+        return ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)) + "."
 
     def revoke_all(self) -> None:
         """Every token issued so far stops working at Dataverse; later ones work."""
@@ -438,11 +462,14 @@ class EntraService:
         if info is None:
             return self.error(req, 401, "invalid_client", 50027)
         issuer, subject = self.directory.issuer(), self.directory.identities.get(info.client_id, "")
-        for want in self.directory.registration(client_id).federated:
-            if want == (issuer, subject, EXCHANGE_AUDIENCE):
-                return None
-        return self.error(req, 400, "invalid_request", 70021, issuer=issuer, subject=subject,
-                          audience=EXCHANGE_AUDIENCE)
+        records = self.directory.registration(client_id).federated
+        # Entra ID narrows the app's federated credentials part by part and names the first part that
+        # left none: issuer (700211), then subject (700213), then audience (700212).
+        for number, index, value in ((700211, 0, issuer), (700213, 1, subject), (700212, 2, EXCHANGE_AUDIENCE)):
+            records = [r for r in records if r[index] == value]
+            if not records:
+                return self.error(req, 401, "invalid_client", number, value=value)
+        return None
 
     def managed_identity(self, req: Request) -> Response:
         """The App Service / Functions identity endpoint (IDENTITY_ENDPOINT + IDENTITY_HEADER, 2019-08-01)."""
@@ -479,4 +506,6 @@ class EntraService:
         vault = vault_resource(self.state.urls["vault"])
         if res == vault:
             return vault
+        if res == STORAGE_AUDIENCE:
+            return STORAGE_AUDIENCE
         return None
