@@ -178,7 +178,7 @@ def replay(storage: Storage, queue: str, *, rejected: bool = False, limit: int =
                     if skipped is not None and not late:
                         skipped.append(msg.id)
                     continue
-                target.send_message(body)
+                target.send_message(body, time_to_live=-1)  # a replayed message is kept until processed
                 source.delete_message(msg)
                 moved += 1
     finally:
