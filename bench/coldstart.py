@@ -46,6 +46,23 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def _run_timed(subprocess: Any, argv: list[str], cwd: str, env: dict[str, str], limit: float = 60.0) -> None:
+    """Run a child to its end, waiting without a timeout: `subprocess.run(timeout=...)` polls the child
+    with sleeps of up to 50 ms, which made every import figure a multiple of ~50 ms. A timer kills a child
+    still running after `limit` seconds."""
+    import threading
+
+    proc = subprocess.Popen(argv, cwd=cwd, env=env)
+    timer = threading.Timer(limit, proc.kill)
+    timer.start()
+    try:
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    if code != 0:
+        raise subprocess.CalledProcessError(code, argv)
+
+
 def import_times(python: str, repo: str, runs: int = 7) -> dict[str, Any]:
     """Median wall time of three fresh interpreters, and what importing the app adds over its two libraries."""
     import os
@@ -66,8 +83,8 @@ def import_times(python: str, repo: str, runs: int = 7) -> dict[str, Any]:
         names = names[round_ % 4:] + names[:round_ % 4]  # rotate the order so drift hits all alike
         for name in names:
             t = time.perf_counter()
-            subprocess.run([python, "-c", commands[name]], cwd=repo, check=True, timeout=60,
-                           env=telemetry_env if name == "function_app_telemetry" else env)
+            _run_timed(subprocess, [python, "-c", commands[name]], repo,
+                       telemetry_env if name == "function_app_telemetry" else env)
             if round_:
                 times[name].append(time.perf_counter() - t)
     med = {k: _median(v) for k, v in times.items()}

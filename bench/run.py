@@ -1,10 +1,12 @@
-"""The intake benchmark: ours (HTTP and queue) against the raw floor and the naive client, plus cold start.
+"""The intake benchmark: ours (HTTP and queue) against the raw floor, Microsoft's SDK and the naive client.
 
     PYTHONPATH=. .venv/bin/python -m bench.run [--n 2000] [--threads 16,32] [--latency-dataverse 0.02] ...
 
 Writes .local/bench/latest.json and latest.md (untracked) and prints the table; --commit writes
 bench/results/latest.* instead, the committed figures the README quotes. The stand-in runs in a child
-process on the same 2 cores: its CPU time is reported per run, so a saturated stand-in shows.
+process on the same 2 cores: its CPU time is reported per run, so a saturated stand-in shows. Contenders
+alternate within each round, and every other round runs them in reverse order, so a drift in the machine's
+load falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from bench import coldstart, workload
 from bench.stand import RemoteStandIn, service_counts
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("raw", "naive", "ours-http", "ours-queue")
+CONTENDERS = ("raw", "sdk", "naive", "ours-http", "ours-queue")
 WARM = 5  # sequential calls before each run; their outbound calls are reported as cold start
-TARGETS = {"throughput": 0.95, "p99": 1.2, "tokens": 1, "vault_reads": 1, "dataverse": 1100, "import": 0.30}
+TARGETS = {"throughput": 0.95, "over_sdk": 1.10, "p99": 1.2, "tokens": 1, "vault_reads": 1, "dataverse": 1100,
+           "import": 0.30}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -58,7 +61,7 @@ def run_one(contender: str, threads: int, n: int, mix: workload.Mix, stand: Remo
     recs = workload.records(n, tag, mix, info["seed_contact_id"], info["seed_account_id"])
     warm = workload.records(WARM, tag + "-warm", workload.Mix(keyed=0.0, by_id=1.0), info["seed_contact_id"],
                             info["seed_account_id"])
-    session = None
+    session: Any = None
     stand.reset()
     if contender in ("ours-http", "ours-queue"):
         os.environ["PYTHON_THREADPOOL_THREAD_COUNT"] = str(threads)
@@ -66,6 +69,8 @@ def run_one(contender: str, threads: int, n: int, mix: workload.Mix, stand: Remo
         call = workload.ours_http() if contender == "ours-http" else workload.ours_queue()
     elif contender == "raw":
         call, session = workload.raw(info, threads, workload.fetch_token(info))
+    elif contender == "sdk":
+        call, session = workload.sdk(info)
     else:
         call = workload.naive(info)
     for rec in warm:
@@ -79,9 +84,12 @@ def run_one(contender: str, threads: int, n: int, mix: workload.Mix, stand: Remo
     pool = workload.drive(call, recs, threads, timeout)
     busy1 = busy_cpu_s()
     after = stand.snapshot()
+    sdk_pool = session._session.get_adapter("https://")._pool_maxsize if contender == "sdk" else None
     if session is not None:
         session.close()
-    if contender.startswith("ours"):
+    if sdk_pool is not None:
+        pool_size = sdk_pool  # requests' default: the SDK makes its own session and takes no pool size
+    elif contender.startswith("ours"):
         pool_size = runtime.intake().client.session.get_adapter("https://").poolmanager.connection_pool_kw.get(
             "maxsize")
         runtime.reset()
@@ -135,9 +143,9 @@ def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def round_ratios(rounds: list[dict[str, Any]], r: dict[str, Any], key: str) -> list[float]:
-    """ours / raw for `key`, round by round (the two ran back to back, under the same load)."""
-    raw = {x["round"]: x[key] for x in rounds if x["contender"] == "raw" and x["threads"] == r["threads"]}
+def round_ratios(rounds: list[dict[str, Any]], r: dict[str, Any], key: str, peer: str = "raw") -> list[float]:
+    """ours / peer for `key`, round by round (the two ran in the same round, under the same load)."""
+    raw = {x["round"]: x[key] for x in rounds if x["contender"] == peer and x["threads"] == r["threads"]}
     return [x[key] / raw[x["round"]] for x in rounds
             if x["contender"] == r["contender"] and x["threads"] == r["threads"] and raw.get(x["round"])]
 
@@ -152,7 +160,15 @@ def targets(runs: list[dict[str, Any]], cold: dict[str, Any] | None,
                     "result": "pass" if ok else "short", "note": note})
 
     floors = {r["threads"]: r for r in runs if r["contender"] == "raw"}
+    sdks = {r["threads"]: r for r in runs if r["contender"] == "sdk"}
     for r in runs:
+        if r["contender"].startswith("ours") and r["threads"] in sdks:
+            scope = f"{r['contender']} @{r['threads']}"
+            over = r["throughput"] / sdks[r["threads"]]["throughput"]
+            per_round = round_ratios(rounds or [], r, "throughput", "sdk")
+            add("throughput >= 1.10 x Microsoft's SDK", scope, over, TARGETS["over_sdk"],
+                over >= TARGETS["over_sdk"], "x",
+                "round by round: " + ", ".join(f"{x:.2f}" for x in per_round) if len(per_round) > 1 else "")
         if not r["contender"].startswith("ours") or r["threads"] not in floors:
             continue
         floor = floors[r["threads"]]
@@ -253,13 +269,14 @@ def report(doc: dict[str, Any]) -> str:
         shown = f"{v:.2f}" if isinstance(v, float) else str(v)
         more = f"; {t['note']}" if t.get("note") else ""
         out.append(f"- {t['result'].upper():5} {t['target']} [{t['scope']}]: {shown} (limit {t['limit']}{more})")
-    naive = [r for r in doc["runs"] if r["contender"] == "naive"]
+    naive = [r for r in doc["runs"] if r["contender"] in ("naive", "sdk")]
     floors = {r["threads"]: r for r in doc["runs"] if r["contender"] == "raw"}
     for r in naive:
         f = floors.get(r["threads"])
         if f:
-            out.append(f"- naive @{r['threads']} for comparison: {r['throughput'] / f['throughput']:.2f} x raw "
-                       f"throughput, p99 {r['p99_ms'] / f['p99_ms']:.2f} x raw")
+            out.append(f"- {r['contender']} @{r['threads']} for comparison: "
+                       f"{r['throughput'] / f['throughput']:.2f} x raw throughput, "
+                       f"p99 {r['p99_ms'] / f['p99_ms']:.2f} x raw")
     if doc.get("notes"):
         out += ["", "## Notes", *[f"- {n}" for n in doc["notes"]]]
     return "\n".join(out) + "\n"
@@ -344,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        for i, (email, cid) in ((i, workload.caller(i)) for i in range(a.callers))])
         for t in threads:
             for round_ in range(max(a.repeat, a.naive_repeat)):
-                for c in contenders:
+                for c in contenders if round_ % 2 == 0 else contenders[::-1]:
                     if round_ >= (a.naive_repeat if c == "naive" else a.repeat):
                         continue
                     print(f"round {round_ + 1}: {c} @{t} threads, N={a.n} ...", file=sys.stderr, flush=True)

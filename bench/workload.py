@@ -4,7 +4,10 @@ Contenders, each a `call(record) -> error or None`:
   ours-http   the real `create_case` through `func.HttpRequest`, as the host invokes it;
   ours-queue  the real `cases_queue` through `func.QueueMessage` (every message is keyed by its id);
   raw         the floor: one `requests.Session` (pool = threads), a fixed token, prepared incident bodies;
-  naive       what the guides do: a token request and a new connection per call, same bodies as raw.
+  naive       what the guides do: a token request and a new connection per call, same bodies as raw;
+  sdk         Microsoft's Python SDK (PowerPlatform-Dataverse-Client) in the plain function a user writes
+              with it: one client per process (a ClientSecretCredential, the SDK's pooled session), one
+              `records.create("incident", row)` per record, the same rows as raw.
 """
 
 from __future__ import annotations
@@ -158,6 +161,28 @@ def naive(info: dict[str, Any]) -> Call:
         return None if resp.status_code in (201, 204) else f"http {resp.status_code}"
 
     return call
+
+
+def sdk(info: dict[str, Any]) -> tuple[Call, Any]:
+    """The SDK as its README shows it, built once per process; the row is the same incident raw POSTs.
+
+    The SDK resolves the table's entity set and its choice labels once (cached), then POSTs each row. Its
+    credential is azure-identity's ClientSecretCredential against the stand-in's Entra ID (the CA bundle comes
+    from REQUESTS_CA_BUNDLE, as for every contender).
+    """
+    from azure.identity import ClientSecretCredential
+    from PowerPlatform.Dataverse.client import DataverseClient
+
+    credential = ClientSecretCredential(info["tenant_id"], info["client_id"], info["client_secret"],
+                                        authority=info["entra_url"], disable_instance_discovery=True)
+    client = DataverseClient(info["env"]["DYNAMICS_URL"], credential)
+    client.__enter__()  # the README's pooled form (`with DataverseClient(...) as client:`), held for the process
+
+    def call(rec: Record) -> str | None:
+        client.records.create("incident", json.loads(rec.incident))
+        return None
+
+    return call, client
 
 
 # ---- the pool -----------------------------------------------------------------------------------------

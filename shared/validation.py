@@ -16,6 +16,7 @@ MAX_BODY = 64 * 1024
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 _PHONE = re.compile(r"^\+?[0-9 ()./-]{3,40}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # control characters other than tab, CR and LF
 PHONE_DIGITS = (6, 17)  # E.164 allows 15 digits; an international "00" prefix makes 17. Fewer than 6 is no number.
 _LOGICAL = re.compile(r"^[a-z][a-z0-9_]*(@odata\.bind)?\Z")
 # The one rule for keys (externalId and the Idempotency-Key header alike; docs/contract.schema.json
@@ -118,7 +119,7 @@ class _Checker:
         if len(value) > max_len:
             self.add(label, f"must be at most {max_len} characters")
             return None
-        if any(ord(c) < 32 and c not in "\t\r\n" for c in value):
+        if _CONTROL.search(value):
             self.add(label, "must not contain control characters")
             return None
         return value

@@ -237,8 +237,8 @@ def count_faults(si: Any) -> Counter:
     seen: Counter = Counter()
     lock = threading.Lock()
 
-    def pick(service: str, method: str, path: str, rates: bool = True) -> Any:
-        fault = original(service, method, path, rates=rates)
+    def pick(service: str, method: str, path: str, rates: bool = True, in_batch: bool = False) -> Any:
+        fault = original(service, method, path, rates=rates, in_batch=in_batch)
         if fault is not None:
             with lock:
                 seen["hold" if fault.kind == "hold" else str(fault.status)] += 1

@@ -246,3 +246,20 @@ def test_http_control_and_cli(tmp_path: Path) -> None:
             proc.wait(timeout=5)
             raise
     assert code == 0
+
+
+def test_microsofts_sdk_creates_through_the_table_metadata(standin: StandIn,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's peer: the SDK reads EntityDefinitions (entity set, choice labels) before it creates."""
+    from PowerPlatform.Dataverse.client import DataverseClient
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", standin.ca_path)  # the SDK's own session trusts the environment
+    cred = credential(standin, standin.dynamics_client_id, standin.dynamics_secret)
+    with DataverseClient(standin.dataverse_url, cred) as client:
+        rid = client.records.create("incident", {
+            "title": "From the SDK", "prioritycode": "High", "caseorigincode": "Web",
+            "customerid_contact@odata.bind": f"/contacts({standin.seed_contact_id})"})
+    [row] = [r for r in standin.records("incidents") if r["incidentid"] == rid]
+    assert (row["title"], row["prioritycode"], row["caseorigincode"]) == ("From the SDK", 1, 3)
+    kinds = {k for k in standin.counts["dataverse"] if k != "total"}
+    assert {("GET", "metadata"), ("POST", "create")} <= kinds

@@ -149,3 +149,15 @@ def test_idempotency_key_header_rule():
         with pytest.raises(IntakeError) as caught:
             idempotency_key(bad)
         assert caught.value.details[0]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize("ch", ["\x00", "\x08", "\x0b", "\x0c", "\x0e", "\x1b", "\x1f"])
+def test_control_characters_are_refused(ch):
+    assert problems(parse_case, {"title": f"a{ch}b", "customer": {"contactId": CONTACT}}) == {
+        ("title", "must not contain control characters")}
+
+
+def test_tab_and_line_breaks_are_kept():
+    ev = parse_case({"title": "t", "description": "one\ttwo\r\nthree\nfour \x7f\x80é",
+                     "customer": {"contactId": CONTACT}})
+    assert ev.columns["description"] == "one\ttwo\r\nthree\nfour \x7f\x80é"

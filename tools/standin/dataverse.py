@@ -45,6 +45,13 @@ _PRIV_FN = re.compile(r"systemusers\(([^)]*)\)/(?:Microsoft\.Dynamics\.CRM\.)?"
                       r"RetrieveUserPrivilegeByPrivilegeName\((.*)\)")
 _SET = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\((.*)\))?")
 _QUERY_OPTIONS = {"$select", "$filter", "$top"}
+# Table metadata, only what Microsoft's Python SDK (PowerPlatform-Dataverse-Client) reads before a create:
+# the entity set of a table, and its choice columns' options (to turn labels into values).
+_DEFINITION = re.compile(r"EntityDefinitions\(LogicalName='([a-z_0-9]+)'\)/Attributes/"
+                         r"Microsoft\.Dynamics\.CRM\.PicklistAttributeMetadata")
+_LOGICAL_EQ = re.compile(r"LogicalName eq '([a-z_0-9]+)'")
+_LABELS = {"prioritycode": {1: "High", 2: "Normal", 3: "Low"}, "caseorigincode": {1: "Phone", 2: "Email", 3: "Web"},
+           "statecode": {0: "Active", 1: "Resolved", 2: "Cancelled"}}
 
 
 def _now() -> str:
@@ -216,6 +223,8 @@ class DataverseService:
             return "privilege", self._only(m, "GET", self.privilege)
         if rest == "$batch":
             return "batch", self._only(m, "POST", self.batch)
+        if rest == "EntityDefinitions" or _DEFINITION.fullmatch(rest):
+            return "metadata", self._only(m, "GET", self.metadata)
         sm = _SET.fullmatch(rest)
         if not sm or sm.group(1) not in self.org.entities:
             seg = rest.split("/")[0].split("(")[0]
@@ -499,6 +508,34 @@ class DataverseService:
         anns = self._annotations(req)
         return json_response(200, {"@odata.context": self._context(ent, select, False),
                                    "value": [self.represent(ent, r, select, anns) for r in rows]}, CT)
+
+    def metadata(self, req: Request) -> Response:
+        """EntityDefinitions filtered by LogicalName, or one table's choice columns with their options."""
+        self._caller(req)
+        by_logical = {e.logical: e for e in self.org.entities.values()}
+        rest = req.path[len(API) + 1:]
+        one = _DEFINITION.fullmatch(rest)
+        if one:
+            ent = by_logical.get(one.group(1))
+            if ent is None:
+                raise dv_fail(404, "0x80040217", f"Could not find entity with name '{one.group(1)}'.")
+            value: list[dict[str, Any]] = [
+                {"LogicalName": c.name, "OptionSet": {"Options": [
+                    {"Value": v, "Label": {"LocalizedLabels": [
+                        {"Label": _LABELS.get(c.name, {}).get(v, str(v)), "LanguageCode": 1033}]}}
+                    for v in c.options]}}
+                for c in ent.columns.values() if c.kind == "option"]
+            return json_response(200, {"@odata.context": f"{self.base}{API}/$metadata#EntityDefinitions('"
+                                                         f"{ent.logical}')/Attributes", "value": value}, CT)
+        wanted = _LOGICAL_EQ.fullmatch(self._option(req, "$filter") or "")
+        ents = [by_logical[wanted.group(1)]] if wanted and wanted.group(1) in by_logical else []
+        if not wanted and self._option(req, "$filter") is not None:
+            raise dv_fail(400, "0x80060888", "The stand-in filters EntityDefinitions only by LogicalName eq '...'.")
+        value = [{"LogicalName": e.logical, "EntitySetName": e.set_name, "SchemaName": e.schema,
+                  "PrimaryIdAttribute": e.key, "ObjectTypeCode": e.otc}
+                 for e in (ents if wanted else self.org.entities.values())]
+        return json_response(200, {"@odata.context": f"{self.base}{API}/$metadata#EntityDefinitions",
+                                   "value": value}, CT)
 
     @staticmethod
     def _check_comparison(ent: EntityDef, c: odata.Comparison) -> None:
