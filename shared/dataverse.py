@@ -113,7 +113,7 @@ class DataverseClient:
         """
         body, content_type = encode(ops, self.transport.base)
         reply = self.transport.request("POST", "$batch", deadline=deadline, call=call, data=body, ok=(200,),
-                                       expect="multipart", headers={"Content-Type": content_type,
+                                       expect="multipart", resend=False, headers={"Content-Type": content_type,
                                                                     "Prefer": "odata.continue-on-error"})
         answers = decode(reply.headers.get("Content-Type") or "", reply.content)
         telemetry.get().batched(len(ops))

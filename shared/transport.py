@@ -286,10 +286,12 @@ class Transport:
     def request(self, method: str, path: str, *, deadline: Deadline, call: Call | None = None,
                 data: bytes | None = None, headers: dict[str, str] | None = None,
                 params: dict[str, str] | None = None, ok: tuple[int, ...] = (200, 201, 204),
-                expect: str = "json") -> Reply:
+                expect: str = "json", resend: bool = True) -> Reply:
         """The answer if its status is in `ok` and its body readable as `expect`, else raise IntakeError.
 
         `call` records whether an attempt may have been applied; it stays true whatever ends the call.
+        `resend=False`: an attempt that may have been applied (answer lost, 5xx) ends the call at once; a
+        `$batch` hands each of its creates back to be sent alone instead of sending them all again.
         """
         call = call if call is not None else Call()
         base = _ODATA_HEADERS if data is None else _JSON_HEADERS
@@ -317,7 +319,7 @@ class Transport:
                 why = (f"no answer within {timeout[1]:.1f}s" if isinstance(exc, requests.exceptions.ReadTimeout)
                        else type(exc).__name__)
                 failure = self._lost(method, path, why)
-                if self._pause(tries, deadline):
+                if (resend or never_sent) and self._pause(tries, deadline):
                     continue
                 break
             finally:
@@ -331,7 +333,7 @@ class Transport:
                     failure = self._lost(method, path, str(exc))
                     failure.request_id = resp.headers.get("x-ms-service-request-id") or None
                     log.info("dataverse answered %s with %s; treated as a lost answer", method, exc)
-                    if self._pause(tries, deadline):
+                    if resend and self._pause(tries, deadline):
                         continue
                     break
             if status == 401 and not reauthed:
@@ -355,7 +357,7 @@ class Transport:
                 break
             if status >= 500 or status == 408:
                 call.maybe_applied = call.maybe_applied or writes
-                if self._pause(tries, deadline):
+                if resend and self._pause(tries, deadline):
                     continue
             break
         if failure is None:
