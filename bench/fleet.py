@@ -1,6 +1,6 @@
 """The fleet under Dataverse's service protection limits: K instances as separate processes (each its own
 `function_app` import) drain one burst from a shared Azurite queue, against the stand-in enforcing the
-limits on a scaled clock (tools/standin/protection.py).
+limits on a scaled clock (devstack/standin/protection.py).
 
     python -m bench.fleet --instances 8 --messages 2400            (the benchmark: both regimes)
 
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from shared import settings
 
     sizes = a.batch_size or [int(settings.default("INTAKE_BATCH_SIZE")), 1]
+    from devstack.standin import StandIn
     from tests.azurite import Azurite
-    from tools.standin import StandIn
 
     az = Azurite()
     try:

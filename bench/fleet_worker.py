@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--queue-budget", type=float, default=60.0)
     a = p.parse_args()
     import function_app  # noqa: F401 - the instance's own import, as the host does
-    from shared import batching, runtime
+    from shared import batching, instance
     from tests.hostsim import QueueHost
     from triggers import queue_intake
 
@@ -35,7 +35,7 @@ def main() -> None:
                      new_batch_threshold=a.threshold, visibility_timeout=a.visibility)
     started = time.monotonic()
     stats = host.run(idle_seconds=a.idle, max_seconds=a.seconds, threads=a.batch + a.threshold)
-    gate = runtime.intake().client.gate
+    gate = instance.intake().client.gate
     print(json.dumps({"succeeded": stats.succeeded, "host_retries": stats.failed_attempts,
                       "rejected": stats.rejected, "poisoned_by_host": stats.poisoned, "errors": stats.errors[:5],
                       "seconds": round(time.monotonic() - started, 2), "gate_limit": gate.limit,

@@ -42,10 +42,10 @@ WATCHED = (
 
 def contender(name: str, info: dict[str, Any]) -> tuple[workload.Call, Any]:
     if name == "ours-http":
-        from shared import runtime
+        from shared import instance
 
         os.environ["PYTHON_THREADPOOL_THREAD_COUNT"] = "1"
-        runtime.reset()
+        instance.reset()
         return workload.ours_http(), None
     if name == "sdk":
         return workload.sdk(info)

@@ -54,7 +54,7 @@ def busy_cpu_s() -> float | None:
 
 def run_one(contender: str, threads: int, n: int, mix: workload.Mix, stand: RemoteStandIn,
             timeout: float) -> dict[str, Any]:
-    from shared import runtime
+    from shared import instance
 
     info = stand.info
     tag = f"{contender}-{threads}-{uuid.uuid4().hex[:6]}"
@@ -65,7 +65,7 @@ def run_one(contender: str, threads: int, n: int, mix: workload.Mix, stand: Remo
     stand.reset()
     if contender in ("ours-http", "ours-queue"):
         os.environ["PYTHON_THREADPOOL_THREAD_COUNT"] = str(threads)
-        runtime.reset()  # a fresh instance: settings, secret, token, pool and contact cache built on first use
+        instance.reset()  # a fresh instance: settings, secret, token, pool and contact cache built on first use
         call = workload.ours_http() if contender == "ours-http" else workload.ours_queue()
     elif contender == "raw":
         call, session = workload.raw(info, threads, workload.fetch_token(info))
@@ -90,9 +90,9 @@ def run_one(contender: str, threads: int, n: int, mix: workload.Mix, stand: Remo
     if sdk_pool is not None:
         pool_size = sdk_pool  # requests' default: the SDK makes its own session and takes no pool size
     elif contender.startswith("ours"):
-        pool_size = runtime.intake().client.session.get_adapter("https://").poolmanager.connection_pool_kw.get(
+        pool_size = instance.intake().client.session.get_adapter("https://").poolmanager.connection_pool_kw.get(
             "maxsize")
-        runtime.reset()
+        instance.reset()
     else:
         pool_size = threads
     run = service_counts(after)

@@ -18,7 +18,7 @@ MAX_IDLE = 900.0  # the child stops by itself when the parent says nothing for t
 
 
 def _serve(conn: Connection, latency_entra: float, latency_dataverse: float, latency_vault: float) -> None:
-    from tools.standin import StandIn
+    from devstack.standin import StandIn
 
     si = StandIn(latency_entra=latency_entra, latency_dataverse=latency_dataverse, latency_vault=latency_vault,
                  hold_seconds=2.0)

@@ -25,7 +25,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from tools.invocation import Context, Out
+from devstack.invocation import Context, Out
 
 BENCH_NS = uuid.UUID("0b6c3f0e-5a7d-4a53-8d0e-3b1e2c9a7f10")
 ODATA = {"Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",

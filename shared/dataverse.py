@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import telemetry
-from shared.auth import TokenSource
 from shared.batching import UNCLEAR, Answer, Gatherer, Op, decode, encode
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.settings import Settings
 from shared.throttle import REQUEST_BUDGET_CODE, Gate
+from shared.tokens import TokenSource
 from shared.transport import Call, Transport, error_in, parse_retry_after
 
 log = logging.getLogger(__name__)

@@ -25,14 +25,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from typing import Any
 
+from shared import instance
 from shared import settings as settings_mod
-from shared.auth import TokenProvider
-from shared.credentials import certificate_pem, proof_for
 from shared.dataverse import DataverseClient
 from shared.deadline import Deadline
 from shared.errors import IntakeError
-from shared.secrets import SecretSource, VaultSecret
+from shared.proofs import certificate_pem
 from shared.settings import Settings
+from shared.tokens import TokenProvider
+from shared.vault import SecretSource, VaultSecret
 
 # What the intake path does: create and read cases, leads and contacts, and bind a customer to a case.
 PRIVILEGES = ("prvCreateIncident", "prvReadIncident", "prvAppendIncident", "prvCreateLead", "prvReadLead",
@@ -147,7 +148,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     def token_step() -> dict:
         s: Settings = state["settings"]
         t = clock()
-        provider = TokenProvider(s, proof_for(s, _Pinned(state["secret"]) if "secret" in state else None))
+        provider = instance.token_provider(s, _Pinned(state["secret"]) if "secret" in state else None)
         try:
             state["token"] = _FixedToken(provider, provider.token(deadline))
         except IntakeError as err:
@@ -159,7 +160,7 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     def whoami_step() -> dict:
         s: Settings = state["settings"]
         t = clock()
-        client = DataverseClient(s, state["token"], pool_size=1, read_timeout=15)
+        client = instance.dataverse_client(s, state["token"], pool_size=1, read_timeout=15)
         state["client"] = client
         who = client.get("WhoAmI", budget=call_budget())
         state["user_id"] = who.get("UserId")

@@ -21,7 +21,7 @@ from typing import Any
 from shared.dataverse import Created, DataverseClient, odata_literal
 from shared.deadline import Deadline
 from shared.errors import IntakeError
-from shared.flight import Flights
+from shared.singleflight import Flights
 from shared.validation import Customer, Event
 
 log = logging.getLogger(__name__)

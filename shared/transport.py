@@ -36,11 +36,11 @@ from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers, requote_uri
 
 from shared import telemetry
-from shared.auth import TokenSource
 from shared.deadline import RESERVE, Deadline
 from shared.errors import IntakeError
 from shared.settings import Settings
 from shared.throttle import Gate
+from shared.tokens import TokenSource
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Azurite for the tests: the local run's starter (tools/localstack.py), on free ports on 127.0.0.1."""
+"""Azurite for the tests: the local run's starter (devstack/localstack.py), on free ports on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools import localstack
+from devstack import localstack
 from tools.queues import Account, azurite_connection_string
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ from typing import Any
 import azure.functions as func
 import pytest
 
-from shared import runtime
+from devstack.standin import StandIn
+from shared import instance
 from tests.hostsim import Context
-from tools.standin import StandIn
 
 LEAK_CHECKED = {"tests": 0, "log_records": 0, "responses": 0}
 
@@ -111,7 +111,7 @@ def stack(standin: StandIn, monkeypatch: pytest.MonkeyPatch, captured_logs: _Cap
     """The app's settings point at the stand-in; the per-instance objects start fresh and short-timed."""
     for name, value in standin.settings_env().items():
         monkeypatch.setenv(name, value)
-    runtime.reset(read_timeout=1.0, backoff=0.05)
+    instance.reset(read_timeout=1.0, backoff=0.05)
     st = Stack(standin)
     secret_values = set()
     original_rotate = standin.rotate_dynamics_secret
@@ -122,7 +122,7 @@ def stack(standin: StandIn, monkeypatch: pytest.MonkeyPatch, captured_logs: _Cap
 
     standin.rotate_dynamics_secret = rotate  # type: ignore[method-assign]
     yield st
-    runtime.reset()
+    instance.reset()
     check_no_leaks(captured_logs.texts + st.bodies, set(st.secrets()) | secret_values)
     LEAK_CHECKED["tests"] += 1
     LEAK_CHECKED["log_records"] += len(captured_logs.texts)

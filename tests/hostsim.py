@@ -18,7 +18,7 @@ from typing import Any
 
 from azure.functions.queue import QueueMessage
 
-from tools.invocation import Context, Out
+from devstack.invocation import Context, Out
 from tools.queues import ensure, queue_client
 
 __all__ = ["HOST_JSON", "Context", "Out", "QueueHost", "Stats", "drain"]

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from shared import runtime
-from tools.standin.certs import make_certificate
+from devstack.standin.certs import make_certificate
+from shared import instance
 from triggers import http_intake, ops
 
 CASE = http_intake.create_case
@@ -41,7 +41,7 @@ def use(monkeypatch, mode: str, *, drop: tuple[str, ...] = (), **env: str) -> No
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    runtime.reset(read_timeout=1.0, backoff=0.05)
+    instance.reset(read_timeout=1.0, backoff=0.05)
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_certificate_missing_or_unusable_in_the_vault(stack, monkeypatch):
     assert (status, err["code"]) == (502, "keyvault_certificate_missing")
     assert CERT_NAME in err["fix"]
     stack.si.store_certificate(CERT_NAME, make_certificate().cert_pem, "application/x-pem-file")  # no key
-    runtime.reset(read_timeout=1.0, backoff=0.05)
+    instance.reset(read_timeout=1.0, backoff=0.05)
     status, err = error_of(stack, stack.si)
     assert (status, err["code"]) == (502, "keyvault_certificate_unusable")
 
@@ -200,7 +200,7 @@ def test_managed_identity_endpoint_unreachable(stack, request, monkeypatch, mode
 
 def test_unknown_user_assigned_identity(stack, managed_identity, monkeypatch):
     monkeypatch.setenv("AZURE_CLIENT_ID", "00000000-0000-0000-0000-00000000beef")
-    runtime.reset(read_timeout=1.0, backoff=0.05)
+    instance.reset(read_timeout=1.0, backoff=0.05)
     status, err = error_of(stack, stack.si)
     assert (status, err["code"]) == (503, "managed_identity_unavailable")
 

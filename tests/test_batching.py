@@ -15,13 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from shared import runtime
+from devstack.standin.protection import Protection
+from shared import instance
 from shared.batching import decode
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.intake import record_id
 from shared.validation import parse_case
-from tools.standin.protection import Protection
 
 N = 10
 
@@ -32,7 +32,7 @@ def count(si, method: str, kind: str) -> int:
 
 def burst(si, events: list[dict], budget: float = 10.0) -> list:
     """Submit the events at once from as many threads; each result is an Outcome or the IntakeError."""
-    intake = runtime.intake()
+    intake = instance.intake()
     gate = threading.Barrier(len(events), timeout=20)
 
     def one(event: dict):
@@ -53,18 +53,18 @@ def case(si, i: int, **extra) -> dict:
 def warm(si, engage: bool = True) -> None:
     """Token and connection first, so the burst's creates arrive together; then, as in a storm, Dataverse
     refuses one request for the request budget, which engages batching."""
-    runtime.intake().submit(parse_case(case(si, -1)))
+    instance.intake().submit(parse_case(case(si, -1)))
     if engage:
         si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.2, method="PATCH")
-        runtime.intake().submit(parse_case(case(si, -2)))
-        assert runtime.intake().client.batches.size == 2
+        instance.intake().submit(parse_case(case(si, -2)))
+        assert instance.intake().client.batches.size == 2
 
 
 def test_concurrent_creates_share_few_requests_and_each_gets_its_own_outcome(stack):
     si = stack.si
     warm(si)
     existing = record_id("incident", "t", "seen-before")
-    runtime.intake().submit(parse_case(case(si, 0, externalId="seen-before", source="t")))
+    instance.intake().submit(parse_case(case(si, 0, externalId="seen-before", source="t")))
     batches_before = count(si, "POST", "batch")
     events = [case(si, i, externalId=f"b-{i}", source="t") for i in range(1, N - 2)]
     events.append(case(si, 0, externalId="seen-before", source="t"))  # a repeat: already exists
@@ -87,9 +87,9 @@ def test_a_lone_create_is_sent_alone(stack):
     si = stack.si
     warm(si)
     for i in range(3):
-        runtime.intake().submit(parse_case(case(si, i)))
+        instance.intake().submit(parse_case(case(si, i)))
     assert count(si, "POST", "batch") == 0
-    assert runtime.intake().client.batches.batches == 0
+    assert instance.intake().client.batches.batches == 0
 
 
 def test_batching_engages_only_on_the_request_budget_and_ends_after_the_window(stack, monkeypatch):
@@ -98,24 +98,24 @@ def test_batching_engages_only_on_the_request_budget_and_ends_after_the_window(s
 
     si = stack.si
     warm(si, engage=False)
-    gatherer = runtime.intake().client.batches
+    gatherer = instance.intake().client.batches
     burst(si, [case(si, i) for i in range(N)])
     assert gatherer.size == 1 and count(si, "POST", "batch") == 0  # no throttling: every create alone
     si.fail_next("dataverse", 1, 429, code="0x80072321", retry_after=0.1, method="PATCH")
-    runtime.intake().submit(parse_case(case(si, 20)))
+    instance.intake().submit(parse_case(case(si, 20)))
     assert gatherer.size == 1  # the execution-time budget counts every record: a batch would not help
     si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.1, method="PATCH")
-    runtime.intake().submit(parse_case(case(si, 21)))
+    instance.intake().submit(parse_case(case(si, 21)))
     assert gatherer.size == 2
     burst(si, [case(si, 30 + i) for i in range(N)])
     assert count(si, "POST", "batch") >= 1
     time.sleep(0.15)
     si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.1, method="PATCH")
-    runtime.intake().submit(parse_case(case(si, 22)))
+    instance.intake().submit(parse_case(case(si, 22)))
     assert gatherer.size == 4  # refused again after a Retry-After: bigger batches
     monkeypatch.setattr(batching, "ENGAGED_FOR", 0.0)
     si.fail_next("dataverse", 1, 429, code="0x80072322", retry_after=0.1, method="PATCH")
-    runtime.intake().submit(parse_case(case(si, 23)))
+    instance.intake().submit(parse_case(case(si, 23)))
     before = count(si, "POST", "batch")
     burst(si, [case(si, 50 + i) for i in range(N)])
     assert gatherer.size == 1 and count(si, "POST", "batch") == before  # the storm is over: alone again
@@ -154,13 +154,13 @@ def test_a_throttled_batch_waits_retry_after_then_goes_through(stack):
     results = burst(si, [case(si, i) for i in range(N)])
     assert all(not isinstance(r, IntakeError) for r in results), results
     assert len(si.records("incidents")) == 2 + N
-    assert runtime.intake().client.gate.waits >= 1  # the instance held its requests for Retry-After
+    assert instance.intake().client.gate.waits >= 1  # the instance held its requests for Retry-After
 
 
 def test_standin_batch_follows_the_documented_wire_format(stack):
     """A $batch written as Microsoft's page shows it, sent raw; the answer read by the app's decoder."""
     si = stack.si
-    token = runtime.intake().client.transport._tokens.token(Deadline.of(10))
+    token = instance.intake().client.transport._tokens.token(Deadline.of(10))
     new_id, bad_id = str(uuid.uuid4()), str(uuid.uuid4())
     bind = f'"customerid_contact@odata.bind":"/contacts({si.seed_contact_id})"'
     body = (

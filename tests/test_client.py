@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared import runtime
-from shared.auth import TokenProvider
-from shared.credentials import proof_for
+from shared import instance
 from shared.errors import IntakeError
 from shared.intake import record_id
+from shared.proofs import proof_for
 from shared.settings import load
+from shared.tokens import TokenProvider
 from shared.validation import parse_case, parse_lead
 
 
@@ -37,7 +37,7 @@ def case(contact: str, **extra) -> dict:
 
 def test_many_creates_cost_one_vault_read_and_one_token(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     for i in range(25):
         intake.submit(parse_case(case(si.seed_contact_id, externalId=f"call-{i}")))
     assert vault_reads(si) == 1
@@ -49,7 +49,7 @@ def test_many_creates_cost_one_vault_read_and_one_token(stack):
 
 def test_revoked_token_costs_exactly_one_refresh_and_one_retry(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     intake.submit(parse_case(case(si.seed_contact_id)))
     tokens_before = count(si, "entra", "POST", "token")
     creates_before = count(si, "dataverse", "PATCH", "patch")
@@ -65,7 +65,7 @@ def test_revoked_token_costs_exactly_one_refresh_and_one_retry(stack):
 
 def test_second_401_is_not_retried(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     intake.submit(parse_case(case(si.seed_contact_id)))
     tokens_before = count(si, "entra", "POST", "token")
     si.fail_next("dataverse", 5, 401, method="PATCH")
@@ -79,7 +79,7 @@ def test_second_401_is_not_retried(stack):
 
 def test_missing_privilege_is_not_retried(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     intake.submit(parse_case(case(si.seed_contact_id)))
     tokens_before = count(si, "entra", "POST", "token")
     si.revoke_privilege("prvCreateIncident")
@@ -98,14 +98,14 @@ def test_missing_privilege_is_not_retried(stack):
 def test_app_user_faults_are_classified(stack, fault, code):
     getattr(stack.si, fault)()
     with pytest.raises(IntakeError) as caught:
-        runtime.intake().submit(parse_case(case(stack.si.seed_contact_id)))
+        instance.intake().submit(parse_case(case(stack.si.seed_contact_id)))
     assert caught.value.code == code
     assert count(stack.si, "dataverse", "PATCH", "patch") == 1
 
 
 def test_rotated_secret_is_picked_up_without_restart(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     intake.submit(parse_case(case(si.seed_contact_id)))
     si.rotate_dynamics_secret()  # new secret at Entra ID and in the vault; the old one removed
     si.revoke_tokens()
@@ -120,7 +120,7 @@ def test_expired_secret_without_rotation_fails_with_that_diagnosis(stack):
     si = stack.si
     si.expire_secret(si.dynamics_client_id, si.dynamics_secret)
     with pytest.raises(IntakeError) as caught:
-        runtime.intake().submit(parse_case(case(si.seed_contact_id)))
+        instance.intake().submit(parse_case(case(si.seed_contact_id)))
     err = caught.value
     assert (err.code, err.upstream_code) == ("entra_secret_expired", "AADSTS7000222")
     assert "new version of the vault secret dynamics-client-secret" in err.fix
@@ -129,7 +129,7 @@ def test_expired_secret_without_rotation_fails_with_that_diagnosis(stack):
 
 def test_same_external_id_gives_one_record(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     first = intake.submit(parse_case(case(si.seed_contact_id, externalId="call-8812", source="genesys")))
     again = intake.submit(parse_case(case(si.seed_contact_id, externalId="call-8812", source="genesys")))
     other_source = intake.submit(parse_case(case(si.seed_contact_id, externalId="call-8812", source="web")))
@@ -141,7 +141,7 @@ def test_same_external_id_gives_one_record(stack):
 
 def test_concurrent_creates_share_one_token_and_stay_in_the_pool(stack, captured_logs):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     barrier = threading.Barrier(32, timeout=20)
 
     def one(i: int) -> bool:
@@ -160,7 +160,7 @@ def test_concurrent_creates_share_one_token_and_stay_in_the_pool(stack, captured
 
 def test_throttling_waits_retry_after_within_budget(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     si.fail_next("dataverse", 1, 429, retry_after=1, method="PATCH")
     started = time.monotonic()
     out = intake.submit(parse_case(case(si.seed_contact_id, externalId="t-1")), budget=5)
@@ -177,14 +177,14 @@ def test_throttling_waits_retry_after_within_budget(stack):
 def test_throttled_unkeyed_create_is_retried(stack):
     si = stack.si
     si.fail_next("dataverse", 1, 429, retry_after=0.2, method="PATCH")
-    out = runtime.intake().submit(parse_case(case(si.seed_contact_id)))
+    out = instance.intake().submit(parse_case(case(si.seed_contact_id)))
     assert out.created
     assert len(si.records("incidents")) == 1
 
 
 def test_server_errors_are_retried_for_every_create_since_every_create_is_by_id(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     si.fail_next("dataverse", 2, 503, method="PATCH")
     assert intake.submit(parse_case(case(si.seed_contact_id, externalId="k-1"))).created
     assert count(si, "dataverse", "PATCH", "patch") == 3
@@ -197,7 +197,7 @@ def test_server_errors_are_retried_for_every_create_since_every_create_is_by_id(
 
 def test_timeout_after_write_finds_the_record_keyed_or_not(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     si.fail_next("dataverse", 1, "timeout_after_apply", method="PATCH")
     out = intake.submit(parse_case(case(si.seed_contact_id, externalId="lost-answer")))
     assert out.created is False  # the retry met the row the first try wrote
@@ -210,7 +210,7 @@ def test_timeout_after_write_finds_the_record_keyed_or_not(stack):
 
 def test_customer_by_email_is_looked_up_once_and_created_once(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     barrier = threading.Barrier(8, timeout=20)
 
     def first_call(i: int) -> str:
@@ -234,7 +234,7 @@ def test_customer_by_email_is_looked_up_once_and_created_once(stack):
 
 def test_existing_contact_is_found_by_email(stack):
     si = stack.si
-    runtime.intake().submit(parse_case({"title": "t", "customer": {"email": "ADA@example.com"}}))
+    instance.intake().submit(parse_case({"title": "t", "customer": {"email": "ADA@example.com"}}))
     (incident,) = si.records("incidents")
     assert incident["_customerid_value"] == si.seed_contact_id
     assert len(si.records("contacts")) == 1
@@ -243,15 +243,15 @@ def test_existing_contact_is_found_by_email(stack):
 def test_quotes_in_email_stay_one_literal(stack):
     si = stack.si
     email = "o'brien' or emailaddress1 ne 'x@example.com"
-    runtime.intake().submit(parse_case({"title": "t", "customer": {"email": "o'brien@example.com"}}))
+    instance.intake().submit(parse_case({"title": "t", "customer": {"email": "o'brien@example.com"}}))
     assert si.queries[-1] == [("emailaddress1", "o'brien@example.com")]
     with pytest.raises(IntakeError):  # not an email: refused before any query
-        runtime.intake().submit(parse_case({"title": "t", "customer": {"email": email}}))
+        instance.intake().submit(parse_case({"title": "t", "customer": {"email": email}}))
 
 
 def test_deleted_cached_contact_is_resolved_again(stack):
     si = stack.si
-    intake = runtime.intake()
+    intake = instance.intake()
     first = intake.submit(parse_case({"title": "a", "customer": {"email": "gone@example.com", "lastName": "G"}}))
     assert first.created
     contact_id = si.records("contacts")[-1]["contactid"]
@@ -302,5 +302,5 @@ def test_stale_token_is_fetched_once_by_many_threads(stack):
 
 
 def test_azure_sdk_request_logs_are_quiet(stack, captured_logs):
-    runtime.intake().submit(parse_case(case(stack.si.seed_contact_id)))
+    instance.intake().submit(parse_case(case(stack.si.seed_contact_id)))
     assert logging.getLogger("azure.core.pipeline.policies.http_logging_policy").getEffectiveLevel() >= logging.WARNING

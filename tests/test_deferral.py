@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from azure.functions.queue import QueueMessage
 
-from shared import breaker, deferral, runtime
+from shared import breaker, deferral, instance
 from shared.intake import record_id
 from tests.hostsim import Context, Out
 from tools.queues import ensure, queue_client, replay
@@ -91,12 +91,12 @@ def test_too_old_or_unclassified_goes_to_poison_as_an_envelope_and_replays_exact
     old = deferral.Envelope("m-old", datetime.now(UTC) - timedelta(hours=30), 40)
     unkeyed = case(si)  # no externalId: the message id is the key
     CASES(QueueMessage(id="copy-9", body=deferral.wrap(unkeyed, old).encode(), dequeue_count=1), Out(), Context())
-    real_intake = runtime.intake
+    real_intake = instance.intake
 
     def broken():  # a failure nobody can classify
         raise RuntimeError("unexpected")
 
-    monkeypatch.setattr(runtime, "intake", broken)
+    monkeypatch.setattr(instance, "intake", broken)
     breaker.reset()  # the old envelope's fault opened it; this message must reach the intake
     poison = queue_client(storage_env, "cases-poison", binary=True)
     # Its first occurrence may be a transient nobody classified: deferred under its key, not poisoned.
@@ -107,7 +107,7 @@ def test_too_old_or_unclassified_goes_to_poison_as_an_envelope_and_replays_exact
                               {"code": "internal_error"}, streak=queue_intake.UNCLASSIFIED_TRIES - 1)
     CASES(QueueMessage(id="copy-crash", body=deferral.wrap(case(si, title="crash"), again).encode(),
                        dequeue_count=1), Out(), Context())
-    monkeypatch.setattr(runtime, "intake", real_intake)
+    monkeypatch.setattr(instance, "intake", real_intake)
     peeked = [deferral.unwrap(m.content, m.id)[1] for m in poison.peek_messages(max_messages=32)]
     assert sorted(e.key for e in peeked) == ["m-crash", "m-old"]
     si.grant_privilege("prvCreateIncident")  # the operator fixes the cause

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from azure.functions.queue import QueueMessage
 
-from shared import runtime
+from shared import instance
 from shared.intake import record_id
 from tests.hostsim import Context, Out
 from triggers import http_intake, ops, queue_intake
@@ -138,9 +138,9 @@ def test_punctuation_only_or_short_phones_are_a_400_and_bind_nobody(stack, phone
 @pytest.fixture
 def full_timeouts(stack):
     """The client's production timeouts (3.05 s connect, 30 s read), not the suite's short ones."""
-    runtime.reset()
+    instance.reset()
     yield
-    runtime.reset()
+    instance.reset()
 
 
 def test_unanswered_keyed_create_answers_within_the_http_budget(stack, full_timeouts, monkeypatch):

@@ -28,12 +28,12 @@ from azure.functions.queue import QueueMessage
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared import runtime
+from devstack.standin.state import Identities
+from shared import instance
 from shared.errors import CODES, IntakeError
 from shared.intake import ContactCache
 from shared.validation import normalise_phone, parse_case, parse_json, parse_lead
 from tests.hostsim import Context, Out
-from tools.standin.state import Identities
 from triggers import http_intake, queue_intake
 
 EXAMPLES = int(os.environ.get("INTAKE_FUZZ_EXAMPLES", "150"))
@@ -208,7 +208,7 @@ def test_near_valid_bodies_get_a_classified_answer(stack, data):
 @given(email=emails)
 def test_email_cannot_change_the_lookup(stack, email):
     si = stack.si
-    runtime.intake().contacts = ContactCache()  # every example looks the contact up
+    instance.intake().contacts = ContactCache()  # every example looks the contact up
     before = len(si.queries)
     status, answer = call(stack, "cases", json.dumps({"title": "t", "customer": {"email": email}}).encode())
     queries = si.queries[before:]
@@ -225,7 +225,7 @@ def test_email_cannot_change_the_lookup(stack, email):
 @given(phone=phones)
 def test_phone_cannot_change_the_lookup(stack, phone):
     si = stack.si
-    runtime.intake().contacts = ContactCache()
+    instance.intake().contacts = ContactCache()
     before = len(si.queries)
     body = {"title": "t", "customer": {"phone": phone, "lastName": "Caller"}}
     status, answer = call(stack, "cases", json.dumps(body).encode())

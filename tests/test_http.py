@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared import runtime
+from shared import instance
 from shared.intake import record_id
 from triggers import http_intake, ops
 
@@ -131,7 +131,7 @@ def test_key_vault_unreachable_is_503(stack, monkeypatch):
     from tests.azurite import free_port
 
     monkeypatch.setenv("KEY_VAULT_URL", f"https://127.0.0.1:{free_port()}")
-    runtime.reset(read_timeout=1.0)
+    instance.reset(read_timeout=1.0)
     status, body, resp = stack.call(CASE, body=a_case(stack.si))
     assert_error(status, body, 503, "keyvault_unreachable")
     assert int(resp.headers["Retry-After"]) >= 1
@@ -150,7 +150,7 @@ def test_entra_transient_failure_is_503(stack, where):
 
 def test_missing_setting_is_503_naming_it(stack, monkeypatch):
     monkeypatch.delenv("DYNAMICS_TENANT_ID")
-    runtime.reset()
+    instance.reset()
     status, body, _ = stack.call(CASE, body=a_case(stack.si))
     err = assert_error(status, body, 503, "config_invalid")
     assert "DYNAMICS_TENANT_ID is required" in err["message"]
@@ -160,7 +160,7 @@ def test_unexpected_error_is_500_without_trace(stack, monkeypatch):
     def broken():
         raise RuntimeError("secret-looking internals")
 
-    monkeypatch.setattr(runtime, "intake", broken)
+    monkeypatch.setattr(instance, "intake", broken)
     status, body, _ = stack.call(CASE, body=a_case(stack.si))
     assert_error(status, body, 500, "internal_error")
     assert "internals" not in str(body)

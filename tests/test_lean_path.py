@@ -12,7 +12,7 @@ import http.cookiejar
 import pytest
 import requests
 
-from shared import runtime
+from shared import instance
 from shared.transport import prepare
 from shared.validation import parse_case
 
@@ -57,7 +57,7 @@ def test_no_response_cookie_is_parsed_or_sent(stack, monkeypatch):
 
     monkeypatch.setattr(http.cookiejar.CookieJar, "make_cookies", counted)
     sent: list[requests.PreparedRequest] = []
-    intake = runtime.intake()
+    intake = instance.intake()
     session = intake.client.session
     send = session.send
     monkeypatch.setattr(session, "send", lambda request, **kw: sent.append(request) or send(request, **kw))

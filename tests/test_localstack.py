@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared import runtime
+from devstack import localstack
+from shared import instance
 from tests.azurite import free_port
 from tests.hostsim import Context
-from tools import localstack
 from tools.queues import send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def no_func_env() -> dict[str, str]:
 
 
 def running() -> set[str]:
-    return set(subprocess.run(["pgrep", "-f", "azurite|tools.standin"], capture_output=True, text=True,
+    return set(subprocess.run(["pgrep", "-f", "azurite|devstack.standin"], capture_output=True, text=True,
                               check=False).stdout.split())
 
 
@@ -99,7 +99,7 @@ def test_stand_in_process_and_written_settings_make_a_working_app(tmp_path, monk
         assert settings["Values"]["AzureWebJobsStorage"] == "UseDevelopmentStorage=true"
         for name, value in settings["Values"].items():
             monkeypatch.setenv(name, value)
-        runtime.reset()
+        instance.reset()
         from triggers import http_intake, ops
 
         diag = ops.diagnostics.build().get_user_function()
@@ -117,7 +117,7 @@ def test_stand_in_process_and_written_settings_make_a_working_app(tmp_path, monk
                             timeout=5).json()["value"]
         assert [r["incidentid"] for r in rows] == [json.loads(resp.get_body())["id"]]
     finally:
-        runtime.reset()
+        instance.reset()
         localstack.stop(proc)
     assert proc.returncode is not None
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from azure.functions.queue import QueueMessage
 
-from shared import runtime
+from shared import instance
 from shared.batching import MIN_LEFT, UNSENT, Answer, Gatherer, Op
 from shared.deadline import Deadline
 from shared.errors import IntakeError
@@ -102,7 +102,7 @@ def test_an_unkeyed_create_whose_answer_was_lost_then_held_by_the_gate_is_a_504(
     worker.start()
     time.sleep(0.3)  # the create is out, its answer will be lost after the stand-in's hold
     with pytest.raises(IntakeError):
-        runtime.intake().client.get("WhoAmI", budget=5)  # meets the 429: the gate holds the instance 60 s
+        instance.intake().client.get("WhoAmI", budget=5)  # meets the 429: the gate holds the instance 60 s
     worker.join(20)
     status, out, _ = result["answer"]
     assert status == 504, out
@@ -137,8 +137,8 @@ def test_a_hold_refused_before_waiting_counts_jitter_and_the_request_after_it():
 def test_a_damaged_batch_answer_gives_each_create_its_own_outcome(stack, how):
     si = stack.si
     stack.call(http_intake.create_case, body=case(si))
-    runtime.intake().client.batches.engage(0.1)
-    runtime.intake().client.batches.engage(0.1)
+    instance.intake().client.batches.engage(0.1)
+    instance.intake().client.batches.engage(0.1)
     si.fail_next("dataverse", 1, how, method="POST", path_contains="$batch")
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: stack.call(http_intake.create_case, body=case(si, externalId=f"b-{i}")),
@@ -154,7 +154,7 @@ def test_a_damaged_batch_answer_gives_each_create_its_own_outcome(stack, how):
 def test_a_429_inside_a_batch_part_holds_the_instance_before_the_part_is_sent_again(stack):
     si = stack.si
     stack.call(http_intake.create_case, body=case(si))
-    client = runtime.intake().client
+    client = instance.intake().client
     client.batches.engage(0.1)
     si.fail_next("dataverse", 1, 429, code="0x80072321", retry_after=1.0, method="PATCH", in_batch=True)
     waits = client.gate.waits
@@ -197,9 +197,9 @@ def test_a_create_with_too_little_time_left_is_never_held_for_a_batch():
 
 def test_a_failure_while_accounting_never_leaks_a_gate_slot(stack, monkeypatch):
     si = stack.si
-    runtime.reset(read_timeout=1.0, backoff=0.05, concurrency=1)
+    instance.reset(read_timeout=1.0, backoff=0.05, concurrency=1)
     stack.call(http_intake.create_case, body=case(si))
-    gate = runtime.intake().client.gate
+    gate = instance.intake().client.gate
     calls = {"n": 0}
     original = gate.hint
 
@@ -243,7 +243,7 @@ def test_creates_waiting_at_a_full_gate_go_out_together_when_a_slot_frees():
 
 def test_an_instance_with_one_slot_sends_its_waiting_creates_as_batches(stack):
     si = stack.si
-    runtime.reset(read_timeout=2.0, backoff=0.05, concurrency=1)
+    instance.reset(read_timeout=2.0, backoff=0.05, concurrency=1)
     si.set_latency("dataverse", 0.05)
     stack.call(http_intake.create_case, body=case(si))
     with ThreadPoolExecutor(8) as pool:
@@ -251,7 +251,7 @@ def test_an_instance_with_one_slot_sends_its_waiting_creates_as_batches(stack):
                                 range(16)))
     assert sorted(a[0] for a in answers) == [201] * 16, [a[1] for a in answers]
     assert len(si.records("incidents")) == 17
-    gatherer = runtime.intake().client.batches
+    gatherer = instance.intake().client.batches
     sent_alone = si.counts["dataverse"].get(("PATCH", "patch"), 0) - gatherer.batched  # a part counts as a PATCH
     requests = sent_alone + si.counts["dataverse"].get(("POST", "batch"), 0)
     assert requests <= 8, (requests, si.counts["dataverse"])  # 17 creates in fewer requests: they rode together

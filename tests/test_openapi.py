@@ -1,6 +1,6 @@
 """The OpenAPI document and the Power Automate connector: generated from the contract, valid, and true.
 
-schemathesis drives the functions over a real socket (tools/httphost.py) from the committed document:
+schemathesis drives the functions over a real socket (devstack/httphost.py) from the committed document:
 no 500, and every answer's status, headers and body must be what the document says, so the test
 fails when the document and the code disagree.
 """
@@ -14,9 +14,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 
+from devstack.httphost import FUNCTION_KEY, serve
 from shared.errors import CODES
 from tools import apidocs
-from tools.httphost import FUNCTION_KEY, serve
 from triggers import ops
 
 DOC = json.loads(apidocs.OPENAPI.read_text())

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from shared import runtime
+from shared import instance
 from shared.intake import record_id
 from tests.hostsim import HOST_JSON, QueueHost, drain
 from tools.queues import ensure, queue_client, replay, send
@@ -104,7 +104,7 @@ def test_unkeyed_message_applied_but_never_answered_duplicates_on_replay(stack, 
     the row the first deliveries wrote.
     """
     si, conn, queue = stack.si, azurite.connection_string, names()
-    runtime.reset(read_timeout=0.3, backoff=0.02)
+    instance.reset(read_timeout=0.3, backoff=0.02)
     si.set_hold_seconds(0.6)
     keyed = {"title": "keyed", "customer": {"contactId": si.seed_contact_id}, "externalId": f"k-{queue}"}
     unkeyed = {"title": "unkeyed", "customer": {"contactId": si.seed_contact_id}}

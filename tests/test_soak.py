@@ -42,7 +42,7 @@ from typing import Any
 
 import pytest
 
-from shared import runtime
+from shared import instance
 from shared.intake import ENTITY_SETS, record_id
 from tests.hostsim import QueueHost, drain
 from tools.queues import send
@@ -269,7 +269,7 @@ def test_soak_queues_under_faults(stack, azurite, capsys):
     messages, events = plan(N, SEED, si)
 
     # Faults: rates for every Dataverse request, timeouts below the hold time.
-    runtime.reset(read_timeout=READ_TIMEOUT, backoff=0.05)
+    instance.reset(read_timeout=READ_TIMEOUT, backoff=0.05)
     si.set_hold_seconds(HOLD_SECONDS)
     si.fault_rates("dataverse", rate_5xx=0.05, rate_timeout_after_apply=0.02, retry_after=1)
     injected = count_faults(si)

@@ -19,8 +19,8 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import ClientSecretCredential
 from azure.keyvault.secrets import SecretClient
 
-from tools.standin import StandIn
-from tools.standin.odata import FilterError, comparisons, parse_filter
+from devstack.standin import StandIn
+from devstack.standin.odata import FilterError, comparisons, parse_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_keep_alive_reuses_one_connection(standin: StandIn, session: requests.Se
 
 
 def test_http_control_and_cli(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tools.standin", "--state-dir", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "devstack.standin", "--state-dir", str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -1,7 +1,7 @@
 """Telemetry through the real Azure Monitor exporter, into a local ingestion stand-in (issue 14).
 
 The app runs in a child process (OpenTelemetry's providers are global, once per process) with
-APPLICATIONINSIGHTS_CONNECTION_STRING pointing at tools/standin/ingestion.py; cases and leads go
+APPLICATIONINSIGHTS_CONNECTION_STRING pointing at devstack/standin/ingestion.py; cases and leads go
 through the functions' own entry points against the Dataverse stand-in; then what was received is
 compared with what the stand-in counted.
 """
@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tools.standin.ingestion import Ingestion
+from devstack.standin.ingestion import Ingestion
 
 ROOT = Path(__file__).resolve().parent.parent
 PERSONAL = ("Private.Person@example.com", "private.person@example.com", "+49 30 1234567", "+49301234567",
@@ -27,7 +27,7 @@ logging.getLogger().setLevel(logging.INFO)  # as the Functions worker does with 
 import azure.functions as func
 import function_app  # configures telemetry: the connection string is set
 from shared import telemetry
-from tools.invocation import Context, Out
+from devstack.invocation import Context, Out
 from azure.functions.queue import QueueMessage
 from triggers import http_intake, queue_intake
 
@@ -50,8 +50,8 @@ message = json.dumps({"title": "Secret Title 7781", "customer": {"contactId": co
 queue(QueueMessage(id="m-1", body=message, dequeue_count=1), Out(), Context())
 if len(sys.argv) > 2 and sys.argv[2] == "storm":  # Dataverse refuses one request for the request budget, then a burst
     import threading
-    from shared import runtime
-    runtime.intake().client.batches.engage(0.1)
+    from shared import instance
+    instance.intake().client.batches.engage(0.1)
     burst = [threading.Thread(target=post, args=(case, {"title": f"storm {i}", "customer": {"contactId": contact}},
                                                    "cases")) for i in range(8)]
     [t.start() for t in burst]
@@ -142,7 +142,7 @@ logging.getLogger().setLevel(logging.INFO)
 import azure.functions as func
 import function_app
 from shared import telemetry
-from tools.invocation import Context, TraceContext
+from devstack.invocation import Context, TraceContext
 from triggers import http_intake
 
 case = http_intake.create_case.build().get_user_function()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import azure.functions as func
 
-from shared import runtime, telemetry
+from shared import instance, telemetry
 from shared.deadline import Deadline
 from shared.errors import IntakeError
 from shared.intake import HEADER_KEY_SOURCE
@@ -40,7 +40,7 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
             event = parse(parse_json(req.get_body()))
             key = idempotency_key(req.headers.get("Idempotency-Key"))
             # Header keys live in their own namespace (per source): they never meet an externalId.
-            outcome = runtime.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
+            outcome = instance.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
                                               budget=deadline)
         except IntakeError as err:
             inv.ended(telemetry.outcome_of(err), code=err.code, record_id=err.record_id)

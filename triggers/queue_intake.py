@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import azure.functions as func
 
-from shared import breaker, claims, deferral, runtime, storage, telemetry
+from shared import breaker, claims, deferral, instance, storage, telemetry
 from shared import settings as settings_mod
 from shared.errors import IntakeError
 from shared.validation import Event, parse_case, parse_json, parse_lead
@@ -66,7 +66,7 @@ def _reject(err: IntakeError, msg: func.QueueMessage, rejected: func.Out[str], q
 
 def _max_hours() -> float:
     try:
-        return runtime.settings().deferral_max_hours
+        return instance.settings().deferral_max_hours
     except Exception:  # a wrong setting (or a broken instance) is a cause outside the message: the default
         return float(settings_mod.default("INTAKE_DEFERRAL_MAX_HOURS"))
 
@@ -106,7 +106,7 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
             inv.breaker = "probe"
         try:
             event = parse(parse_json(body))
-            outcome = runtime.intake().submit(event, key=envelope.key, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
+            outcome = instance.intake().submit(event, key=envelope.key, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
         except IntakeError as err:
             breaker.done(entity, err, probe)
             where.update(telemetry.fields(code=err.code, request_id=err.request_id, record_id=err.record_id))

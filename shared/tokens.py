@@ -2,7 +2,7 @@
 
 Modelled on azure-core's BearerTokenCredentialPolicy: a cached token with a refresh window, one
 acquisition at a time, and a forced refresh when the resource rejects the token held. Acquisition is
-a single flight (`shared.flight`): threads that waited for a failed attempt get its failure at once,
+a single flight (`shared.singleflight`): threads that waited for a failed attempt get its failure at once,
 each waits only until its own call's deadline, and the next attempt comes after a short back-off.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from shared.deadline import Deadline
 from shared.errors import IntakeError
-from shared.flight import Flights
 from shared.settings import Settings
+from shared.singleflight import Flights
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _FEDERATION_PART = {700211: "issuer", 700212: "audience", 700213: "subject"}
 
 
 class Proof(Protocol):
-    """How the app proves itself to Entra ID in one DYNAMICS_AUTH mode (shared.credentials)."""
+    """How the app proves itself to Entra ID in one DYNAMICS_AUTH mode (shared.proofs)."""
 
     rotation_codes: frozenset[str]  # Entra ID answers after which the proof is read again once
 

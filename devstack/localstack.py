@@ -1,6 +1,6 @@
 """The local stack: Azurite, the HTTPS stand-in for Entra ID / Key Vault / Dataverse, and `func start`.
 
-    ./scripts/run-local.sh                 (sets up, then: python -m tools.localstack)
+    ./scripts/run-local.sh                 (sets up, then: python -m devstack.localstack)
     ./scripts/run-local.sh --stack-only    Azurite + stand-in + the HTTP routes, without `func`
 
 Without a local.settings.json it writes one that points at the stand-in, so the app runs with no
@@ -8,7 +8,7 @@ Azure tenant. With a local.settings.json whose DYNAMICS_URL is a real environmen
 Azurite and the Functions host. `func` is the one on PATH, else the project-local one from npm
 (package.json lists it as optional: its installer downloads the host from a CDN, which some networks
 refuse). Where neither can be had, --stack-only keeps Azurite and the stand-in running and serves the
-HTTP routes through tools.httphost, so the README's curl and queue commands can be tried. Everything
+HTTP routes through devstack.httphost, so the README's curl and queue commands can be tried. Everything
 it started stops with it (Ctrl-C).
 """
 
@@ -90,7 +90,7 @@ def start_standin(state_dir: Path, ports: dict[str, int]) -> tuple[subprocess.Po
     """The stand-in as its own process (so `func`'s worker talks to it over real sockets)."""
     info_path = state_dir / "standin.json"
     info_path.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "tools.standin", "--state-dir", str(state_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "devstack.standin", "--state-dir", str(state_dir),
                              "--entra-port", str(ports["entra"]), "--vault-port", str(ports["vault"]),
                              "--dataverse-port", str(ports["dataverse"])], cwd=ROOT)
     deadline = time.monotonic() + 30
@@ -158,10 +158,10 @@ def find_func(install: bool = True) -> tuple[str | None, str]:
 
 def serve_stack_only(port: int, seconds: float | None) -> int:
     """Keep the stack up and serve the HTTP routes until Ctrl-C (or `seconds`, for tests)."""
-    from tools.httphost import serve
+    from devstack.httphost import serve
 
     with serve(port, keys=False) as url:
-        print(f"stack ready: HTTP routes at {url} (tools.httphost, not the Functions host: queue messages wait "
+        print(f"stack ready: HTTP routes at {url} (devstack.httphost, not the Functions host: queue messages wait "
               "in Azurite until func runs); Ctrl-C stops everything", flush=True)
         deadline = None if seconds is None else time.monotonic() + seconds
         try:

@@ -7,7 +7,7 @@ order; the answer is `200` with a `multipart/mixed; boundary=batchresponse_...` 
 own response in the same order. With `Prefer: odata.continue-on-error` every part runs; without it the
 batch stops after the first failed part. At most 1000 operations. Parts inherit the batch's
 Authorization. Each part costs the listener's latency again (a batch runs its parts one after another),
-and counts as one record toward the execution-time budget (tools/standin/protection.py).
+and counts as one record toward the execution-time budget (devstack/standin/protection.py).
 """
 
 from __future__ import annotations

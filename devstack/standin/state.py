@@ -233,7 +233,7 @@ class State:
         self.hold_seconds = hold_seconds
         self.max_concurrent = max_concurrent
         self.dop_hint = 32  # what Dataverse recommends as a client's degree of parallelism (x-ms-dop-hint)
-        self.protection: Any = None  # service protection limits (tools/standin/protection.py), when set
+        self.protection: Any = None  # service protection limits (devstack/standin/protection.py), when set
         self.affinity_cookies = 0  # Dataverse requests that sent back the ARRAffinity cookie
         self.throttle_until = 0.0  # monotonic time until which every Dataverse request answers 429
         self.inflight: dict[str, int] = {s: 0 for s in SERVICES}

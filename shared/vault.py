@@ -56,7 +56,7 @@ def _keyvault_error(exc: Exception, settings: Settings, kind: str = "secret") ->
     if isinstance(exc, ClientAuthenticationError) and getattr(exc, "status_code", None) is None:
         # Raised by the credential, before any answer from the vault. An Entra ID outage is not a missing
         # identity: classify the credential's own error as a token request's would be.
-        from shared.auth import entra_error
+        from shared.tokens import entra_error
 
         if entra_error(exc, settings).code == "entra_unavailable":
             return IntakeError("keyvault_identity_unavailable", "Entra ID could not issue the app's identity a "

@@ -1,4 +1,4 @@
-"""CLI: ``python -m tools.standin --state-dir DIR [...]`` serves the stand-in until SIGTERM/SIGINT."""
+"""CLI: ``python -m devstack.standin --state-dir DIR [...]`` serves the stand-in until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.standin", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devstack.standin", description=__doc__)
     parser.add_argument("--state-dir", required=True, help="where certificates and standin.json go")
     parser.add_argument("--entra-port", type=int, default=0)
     parser.add_argument("--vault-port", type=int, default=0)

@@ -273,7 +273,7 @@ class StandIn:
 
     def set_protection(self, window: float, max_requests: int, max_concurrent: int = 52, penalty: float = 0.0,
                        dop_hint: int | None = None, max_execution: float | None = None, cost: float = 0.0) -> Any:
-        """Dataverse's service protection limits on a scaled clock (tools/standin/protection.py)."""
+        """Dataverse's service protection limits on a scaled clock (devstack/standin/protection.py)."""
         from .protection import Protection
 
         self.state.protection = Protection(window, max_requests, max_concurrent, penalty,

@@ -1,4 +1,4 @@
-"""Single flight (shared/flight.py): an attempt whose thread cannot start leaves nothing behind."""
+"""Single flight (shared/singleflight.py): an attempt whose thread cannot start leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from shared.deadline import Deadline
 from shared.errors import IntakeError
-from shared.flight import Flights
+from shared.singleflight import Flights
 
 
 def waited_too_long() -> Exception:

@@ -412,7 +412,7 @@ class DataverseService:
             "RolePrivileges": rows}, CT)
 
     def batch(self, req: Request) -> Response:
-        """`$batch` (tools/standin/batch.py): each part through this service's own routes."""
+        """`$batch` (devstack/standin/batch.py): each part through this service's own routes."""
         self._caller(req)  # the batch as a whole is authenticated: 401 or 403 for all of it
         return run_batch(self, req, API, dv_fail)
 

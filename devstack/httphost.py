@@ -18,7 +18,7 @@ from typing import Any
 
 import azure.functions as func
 
-from tools.invocation import Context
+from devstack.invocation import Context
 from triggers import http_intake, ops
 
 FUNCTION_KEY = "test-function-key"

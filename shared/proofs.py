@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.errors import IntakeError
-from shared.secrets import SecretSource, VaultSecret
 from shared.settings import Settings
+from shared.vault import SecretSource, VaultSecret
 
 log = logging.getLogger(__name__)
 EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"  # the audience of a federated credential
@@ -137,7 +137,7 @@ class FederatedProof:
         try:
             return _identity(self._settings).get_token(EXCHANGE_SCOPE).token
         except Exception as exc:  # azure-identity's family of errors: none of them is Entra's answer to the app
-            from shared.auth import entra_error
+            from shared.tokens import entra_error
 
             err = entra_error(exc, self._settings)
             if err.code in ("entra_unavailable", "entra_error"):

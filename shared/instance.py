@@ -12,14 +12,25 @@ from typing import Any
 
 from shared import settings as settings_mod
 from shared import telemetry
-from shared.auth import TokenProvider
-from shared.credentials import proof_for
 from shared.dataverse import DataverseClient
 from shared.intake import Intake
+from shared.proofs import proof_for
+from shared.tokens import TokenProvider
 
 _lock = threading.Lock()
 _intake: Intake | None = None
 _options: dict[str, Any] = {}
+
+
+def token_provider(s: settings_mod.Settings, source: Any = None) -> TokenProvider:
+    """The chain every Dataverse call stands on: settings > proof (vault secret, certificate, federation,
+    managed identity) > tokens. Diagnostics walks the same chain, built here, with its own secret source."""
+    return TokenProvider(s, proof_for(s, source))
+
+
+def dataverse_client(s: settings_mod.Settings, tokens: Any, **options: Any) -> DataverseClient:
+    """A record writer on `tokens`, with the options the instance was reset with (tests, benchmarks)."""
+    return DataverseClient(s, tokens, **{**_options, **options})
 
 
 def intake() -> Intake:
@@ -31,8 +42,7 @@ def intake() -> Intake:
     with _lock:
         if _intake is None:
             s = settings_mod.load()
-            tokens = TokenProvider(s, proof_for(s))
-            client = DataverseClient(s, tokens, **_options)
+            client = dataverse_client(s, token_provider(s))
             telemetry.get().observe_concurrency(lambda: client.gate.limit)
             _intake = Intake(client)
         return _intake
