@@ -21,7 +21,7 @@ from azure.functions.queue import QueueMessage
 from devstack.invocation import Context, Out
 from tools.queues import ensure, queue_client
 
-__all__ = ["HOST_JSON", "Context", "Out", "QueueHost", "Stats", "drain"]
+__all__ = ["HOST_JSON", "Context", "Out", "QueueHost", "Stats", "drain", "receive_all"]
 
 HOST_JSON = json.loads((Path(__file__).resolve().parent.parent / "host.json").read_text())["extensions"]["queues"]
 
@@ -141,3 +141,16 @@ def drain(client: Any, seconds: float = 60.0, visibility_timeout: int = 300) -> 
             break
         out += batch
     return out
+
+
+def receive_all(conn: str, queue: str, wait: float = 0.0) -> list[Any]:
+    """The messages visible within `wait` seconds (raw bytes), received and deleted: what the host would take."""
+    deadline = time.monotonic() + wait
+    client = queue_client(conn, queue, binary=True)
+    while True:
+        got = list(client.receive_messages(max_messages=32, visibility_timeout=60))
+        if got or time.monotonic() >= deadline:
+            for m in got:
+                client.delete_message(m)
+            return got
+        time.sleep(0.2)

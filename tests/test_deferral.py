@@ -14,7 +14,7 @@ from azure.functions.queue import QueueMessage
 
 from shared import breaker, deferral, instance
 from shared.intake import record_id
-from tests.hostsim import Context, Out
+from tests.hostsim import Context, Out, receive_all
 from tools.queues import ensure, queue_client, replay
 from triggers import queue_intake
 
@@ -31,18 +31,6 @@ def storage_env(azurite, stack, monkeypatch):
     yield azurite.connection_string
     for c in clients:
         c.clear_messages()
-
-
-def receive_all(conn: str, queue: str, wait: float = 0.0) -> list:
-    deadline = time.monotonic() + wait
-    client = queue_client(conn, queue, binary=True)
-    while True:
-        got = list(client.receive_messages(max_messages=32, visibility_timeout=60))
-        if got or time.monotonic() >= deadline:
-            for m in got:
-                client.delete_message(m)
-            return got
-        time.sleep(0.2)
 
 
 def case(si, **extra) -> bytes:

@@ -15,7 +15,7 @@ from azure.functions.queue import QueueMessage
 
 from shared import breaker, claims, deferral, diagnostics
 from shared.intake import record_id
-from tests.hostsim import Context, Out
+from tests.hostsim import Context, Out, receive_all
 from tools.queues import ensure, queue_client, replay
 from triggers import queue_intake
 
@@ -34,18 +34,6 @@ def storage_env(azurite, stack, monkeypatch):
     yield azurite.connection_string
     for c in clients:
         c.clear_messages()
-
-
-def receive(conn: str, queue: str, wait: float = 0.0) -> list:
-    deadline = time.monotonic() + wait
-    client = queue_client(conn, queue, binary=True)
-    while True:
-        got = list(client.receive_messages(max_messages=32, visibility_timeout=60))
-        if got or time.monotonic() >= deadline:
-            for m in got:
-                client.delete_message(m)
-            return got
-        time.sleep(0.2)
 
 
 def japanese_case(si, size: int) -> bytes:
@@ -76,7 +64,7 @@ def test_everything_set_aside_never_expires(stack, storage_env, monkeypatch):
             [m for m in queue_client(storage_env, queue).receive_messages(visibility_timeout=1, max_messages=5)] or \
             [None]
         if kept is None:  # the deferred copy is invisible for Retry-After: read its expiry once it shows
-            (kept,) = receive(storage_env, queue, wait=40)
+            (kept,) = receive_all(storage_env, queue, wait=40)
         assert kept.expires_on.year == 9999, (queue, kept.expires_on)
 
 
@@ -87,7 +75,7 @@ def test_japanese_case_defers_compactly_and_is_created_once(stack, storage_env, 
     monkeypatch.setattr(queue_intake, "QUEUE_BUDGET", 0.5)
     si.fail_next("dataverse", 1, 429, retry_after=1)
     CASES(QueueMessage(id="jp-1", body=body, dequeue_count=1), Out(), Context())  # deferred, not raised
-    (copy,) = receive(storage_env, "cases", wait=8)
+    (copy,) = receive_all(storage_env, "cases", wait=8)
     text = copy.content
     assert len(text) < len(body) + 1024  # the body once, unescaped (json.dumps default: about 69 KB)
     assert len(base64.b64encode(text)) < 64 * 1024
@@ -107,7 +95,7 @@ def test_body_near_the_producer_limit_is_deferred_by_claim_check_and_replays_onc
     si.revoke_privilege("prvCreateIncident")
     old = deferral.Envelope("big-1", datetime.now(UTC) - timedelta(hours=30), 3)
     CASES(QueueMessage(id="big-1", body=body, dequeue_count=1), Out(), Context())  # deferred by claim check
-    (copy,) = receive(storage_env, "cases", wait=10)
+    (copy,) = receive_all(storage_env, "cases", wait=10)
     doc = json.loads(copy.content)
     assert "body" not in doc and doc["claim"] == claims.name("cases", "big-1") and len(copy.content) < 2048
     # Past the age limit it is poisoned, still by claim; replay brings it back; once fixed, one record.
@@ -119,13 +107,13 @@ def test_body_near_the_producer_limit_is_deferred_by_claim_check_and_replays_onc
     si.grant_privilege("prvCreateIncident")
     breaker.reset()
     assert replay(storage_env, "cases") == 1
-    (back,) = receive(storage_env, "cases", wait=5)
+    (back,) = receive_all(storage_env, "cases", wait=5)
     CASES(QueueMessage(id=back.id, body=back.content, dequeue_count=1), Out(), Context())
     CASES(QueueMessage(id=back.id, body=back.content, dequeue_count=2), Out(), Context())  # a twin: no second row
     (row,) = si.records("incidents")
     assert row["incidentid"] == record_id("incident", queue_intake.KEY_SOURCE, "big-1")
     assert claims.get(old.claim) is None  # deleted once the record was done
-    (twin,) = receive(storage_env, "cases-rejected")  # the twin came after: its claim was gone, kept with why
+    (twin,) = receive_all(storage_env, "cases-rejected")  # the twin came after: its claim was gone, kept with why
     assert json.loads(twin.content)["reason"]["code"] == "envelope_invalid"
 
 
@@ -143,7 +131,7 @@ def test_forged_envelope_is_rejected_with_its_reason(stack, storage_env, capture
     doc = {k: v for k, v in doc.items() if v is not None}
     raw = json.dumps(doc).encode()
     CASES(QueueMessage(id="forged-1", body=raw, dequeue_count=1), Out(), Context())
-    (kept,) = receive(storage_env, "cases-rejected")
+    (kept,) = receive_all(storage_env, "cases-rejected")
     record = json.loads(kept.content)
     assert record["reason"]["code"] == "envelope_invalid" and why in record["reason"]["message"]
     assert record["body"].encode() == raw and record["messageId"] == "forged-1"
@@ -174,7 +162,7 @@ def test_operator_fault_opens_the_breaker_probing_one_at_a_time(stack, storage_e
     baseline = si.counts["dataverse"]["total"]
     deliveries, started = 0, time.monotonic()
     while time.monotonic() - started < 4.0:
-        for m in receive(storage_env, "cases"):
+        for m in receive_all(storage_env, "cases"):
             CASES(QueueMessage(id=m.id, body=m.content, dequeue_count=1), Out(), Context())
             deliveries += 1
         time.sleep(0.1)
@@ -185,10 +173,10 @@ def test_operator_fault_opens_the_breaker_probing_one_at_a_time(stack, storage_e
     si.grant_privilege("prvCreateIncident")
     deadline = time.monotonic() + 40
     while len(si.records("incidents")) < len(ids) and time.monotonic() < deadline:
-        for m in receive(storage_env, "cases"):
+        for m in receive_all(storage_env, "cases"):
             CASES(QueueMessage(id=m.id, body=m.content, dequeue_count=1), Out(), Context())
         time.sleep(0.2)
     rows = {r["incidentid"] for r in si.records("incidents")}
     assert rows == {record_id("incident", queue_intake.KEY_SOURCE, k) for k in ids}
-    assert breaker.state() == [] and receive(storage_env, "cases-poison") == []
-    assert receive(storage_env, "cases-rejected") == []
+    assert breaker.state() == [] and receive_all(storage_env, "cases-poison") == []
+    assert receive_all(storage_env, "cases-rejected") == []

@@ -122,17 +122,6 @@ def test_a_retry_after_that_leaves_no_time_for_the_request_is_answered_at_once(s
     assert elapsed < 3, elapsed  # refused before waiting, not sent after the deadline with 50 ms timeouts
 
 
-def test_a_hold_refused_before_waiting_counts_jitter_and_the_request_after_it():
-    gate = Gate(4)
-    gate.enter(Deadline(5))
-    gate.leave(429, "0x80072322", 1.0)
-    started = time.monotonic()
-    with pytest.raises(IntakeError) as caught:
-        gate.enter(Deadline(1.2))  # 1 s hold + jitter + the request itself do not fit 1.2 s
-    assert caught.value.code == "dynamics_throttled"
-    assert time.monotonic() - started < 0.1
-
-
 @pytest.mark.parametrize("how", ("malformed_batch", "drop_body", "truncated_2xx", "html_2xx"))
 def test_a_damaged_batch_answer_gives_each_create_its_own_outcome(stack, how):
     si = stack.si

@@ -120,3 +120,14 @@ def test_a_throttle_that_recurs_soon_holds_longer_within_a_cap():
         time.sleep(0.03)
         fresh.enter(Deadline(5))
         fresh.leave(204)
+
+
+def test_a_hold_refused_before_waiting_counts_jitter_and_the_request_after_it():
+    gate = Gate(4)
+    gate.enter(Deadline(5))
+    gate.leave(429, "0x80072322", 1.0)
+    started = time.monotonic()
+    with pytest.raises(IntakeError) as caught:
+        gate.enter(Deadline(1.2))  # 1 s hold + jitter + the request itself do not fit 1.2 s
+    assert caught.value.code == "dynamics_throttled"
+    assert time.monotonic() - started < 0.1
