@@ -116,10 +116,11 @@ class KeySet:
                 raise invalid("signing key (kid) not published by the tenant")
             return found
 
-    def reachable(self) -> None:
-        """Fetch now (diagnostics); raises what a failed fetch raises."""
+    def fetch_now(self) -> int:
+        """Fetch now (diagnostics); the number of signing keys, or what a failed fetch raises."""
         with self._lock:
             self._fetch()
+            return len(self._keys)
 
 
 class Verifier:

@@ -207,6 +207,30 @@ def test_diagnostics_open_to_the_admin_role_only_with_a_token(entra):
     assert status in (200, 503) and "steps" in body, body
 
 
+def test_diagnostics_in_entra_mode_show_the_key_set_and_the_audience(entra):
+    si = entra.si
+    token = token_for(si, si.local_caller)
+    status, body, _ = entra.call(DIAG, method="GET", route="api/diagnostics", headers=bearer(token))
+    assert body["callers"]["status"] == "ok", body["callers"]
+    assert "1 signing keys" in body["callers"]["detail"] and "INTAKE_API_CLIENT_ID" in body["callers"]["detail"]
+    from shared import diagnostics
+
+    diagnostics.forget()
+    si.fail_next("entra", 3, 503, path_contains="/discovery/v2.0/keys")
+    status, body, _ = entra.call(DIAG, method="GET", route="api/diagnostics", headers=bearer(token))
+    assert status == 503 and body["status"] == "failed"
+    assert (body["callers"]["status"], body["callers"]["code"]) == ("failed", "caller_keys_unavailable")
+
+
+def test_diagnostics_name_a_missing_caller_setting(entra, monkeypatch):
+    from shared import diagnostics
+
+    monkeypatch.delenv("INTAKE_API_TENANT_ID")
+    found = diagnostics.callers_check()
+    assert (found["status"], found["code"]) == ("failed", "config_invalid")
+    assert [d["field"] for d in found["details"]] == ["INTAKE_API_TENANT_ID"]
+
+
 def test_missing_api_setting_is_config_invalid_naming_it(entra, monkeypatch):
     monkeypatch.delenv("INTAKE_API_CLIENT_ID")
     status, body, _ = entra.call(CASE, body=a_case(entra.si), headers=bearer(entra.si.mint_caller_token()))
