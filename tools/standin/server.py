@@ -196,7 +196,8 @@ class StandIn:
             "dynamics_secret": self.dynamics_secret, "kv_client_id": self.kv_client_id,
             "kv_secret": self.kv_secret, "systemuserid": self.systemuserid,
             "seed_contact_id": self.seed_contact_id, "seed_account_id": self.seed_account_id,
-            "settings_env": self.settings_env(),
+            "settings_env": self.settings_env(), "caller_env": self.caller_env(),
+            "api_client_id": self.api_client_id, "local_caller": self.local_caller,
         }
 
     # ---- observations -------------------------------------------------------------------------------
