@@ -28,13 +28,30 @@ ROOT = Path(__file__).resolve().parent.parent
 CASE, LEAD, DIAG = http_intake.create_case, http_intake.create_lead, ops.diagnostics
 
 
-@pytest.fixture
-def entra(stack, monkeypatch):
-    """The stack with the app in entra caller mode (as if imported with INTAKE_CALLER_AUTH=entra)."""
+def use_entra(stack, monkeypatch) -> str:
+    """Put the app in entra caller mode (as if imported with INTAKE_CALLER_AUTH=entra) against the stack's
+    stand-in; returns a token of the local caller (every app role), fetched over the socket."""
     for name, value in stack.si.caller_env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(callers, "MODE", "entra")
     caller_tokens.reset()
+    return token_for(stack.si, stack.si.local_caller)
+
+
+def with_token(stack, token: str) -> None:
+    """Every later stack.call sends the token, unless the test sends an Authorization header itself."""
+    plain = stack.call
+
+    def call(fn, method="POST", route="api/cases", body=None, headers=None, raw=None):
+        return plain(fn, method, route, body, {"Authorization": f"Bearer {token}", **(headers or {})}, raw)
+
+    stack.call = call
+
+
+@pytest.fixture
+def entra(stack, monkeypatch):
+    """The stack with the app in entra caller mode."""
+    use_entra(stack, monkeypatch)
     yield stack
     caller_tokens.reset()
 

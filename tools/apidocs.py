@@ -206,10 +206,55 @@ _ENTRA_SECURITY = {"oauth2_auth": {"type": "oauth2", "flow": "accessCode",
                                    "tokenUrl": "https://login.windows.net/common/oauth2/authorize", "scopes": {}}}
 
 
+GENESYS = ROOT / "integrations" / "genesys"
+GENESYS_ACTIONS = ("create-case", "create-lead")
+# The custom auth action of a "User Defined (OAuth)" credential: Entra ID's client credentials request for the
+# intake API, from the credential's fields. Genesys keeps the answer as ${authResponse.*} for the data actions.
+_GENESYS_AUTH = {
+    "name": "Dynamics 365 intake - Entra ID token (custom auth)",
+    "integrationType": "custom-rest-actions",
+    "actionType": "custom",
+    "secure": True,
+    "category": "Dynamics 365 intake",
+    "config": {
+        "request": {
+            "requestUrlTemplate": "https://${credentials.loginHost}/${credentials.tenantId}/oauth2/v2.0/token",
+            "requestType": "POST",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+            "requestTemplate": "grant_type=client_credentials&client_id=$esc.url($credentials.clientId)"
+                               "&client_secret=$esc.url($credentials.clientSecret)"
+                               "&scope=$esc.url(\"api://${credentials.apiClientId}/.default\")"},
+        "response": {"translationMap": {}, "translationMapDefaults": {}, "successTemplate": "${rawResult}"},
+        "timeoutSeconds": 10},
+    "contract": {"input": {"inputSchema": {"$schema": "http://json-schema.org/draft-04/schema#",
+                                           "title": "Custom auth input", "type": "object", "properties": {}}},
+                 "output": {"successSchema": {"$schema": "http://json-schema.org/draft-04/schema#",
+                                              "title": "Entra ID token response", "type": "object",
+                                              "required": ["access_token"],
+                                              "properties": {"access_token": {"type": "string"},
+                                                             "token_type": {"type": "string"},
+                                                             "expires_in": {"type": "integer"}}}}}}
+
+
+def genesys_oauth() -> dict[Path, str]:
+    """The OAuth variant of the Genesys data actions, from the function-key ones (their one source): the same
+    request and contract, sending the custom auth action's token instead of the function key."""
+    out = {GENESYS / "oauth" / "custom-auth.json": json.dumps(_GENESYS_AUTH, indent=2, ensure_ascii=False) + "\n"}
+    for name in GENESYS_ACTIONS:
+        action = json.loads((GENESYS / f"{name}.json").read_text())
+        action["name"] += " (Entra ID)"
+        headers = action["config"]["request"]["headers"]
+        headers.pop(KEY_HEADER)
+        action["config"]["request"]["headers"] = {"Authorization": "Bearer ${authResponse.access_token}", **headers}
+        out[GENESYS / "oauth" / f"{name}.json"] = json.dumps(action, indent=2, ensure_ascii=False) + "\n"
+    return out
+
+
 def rendered() -> dict[Path, str]:
     return {OPENAPI: json.dumps(openapi(), indent=2, ensure_ascii=False) + "\n",
             SWAGGER: json.dumps(swagger(), indent=2, ensure_ascii=False) + "\n",
-            SWAGGER_ENTRA: json.dumps(swagger(entra=True), indent=2, ensure_ascii=False) + "\n"}
+            SWAGGER_ENTRA: json.dumps(swagger(entra=True), indent=2, ensure_ascii=False) + "\n",
+            **genesys_oauth()}
 
 
 def main(argv: list[str]) -> int:
