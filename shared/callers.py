@@ -58,11 +58,11 @@ def bearer(header: str | None) -> str:
     return token.strip()
 
 
-def authorize(req: func.HttpRequest, route: str) -> Caller | None:
-    """The caller of `route` when tokens are checked (None under function keys: the host checked the key).
+def authenticate(req: func.HttpRequest) -> Caller | None:
+    """Who calls: the caller of a valid token under entra, None under function keys (the host checked the key).
 
-    Raises IntakeError: caller_token_missing/caller_token_invalid (401), caller_role_missing (403),
-    caller_keys_unavailable or config_invalid (503). X-MS-CLIENT-PRINCIPAL headers are never read.
+    Raises IntakeError: caller_token_missing/caller_token_invalid (401), caller_keys_unavailable or
+    config_invalid (503). X-MS-CLIENT-PRINCIPAL headers are never read.
     """
     if MODE == "function_key":
         return None
@@ -72,11 +72,21 @@ def authorize(req: func.HttpRequest, route: str) -> Caller | None:
         raise IntakeError("config_invalid", problem, details=[{"field": "INTAKE_CALLER_AUTH", "problem": problem}])
     from shared import caller_tokens
 
-    caller = caller_tokens.verifier().verify(bearer(req.headers.get("Authorization")))
+    return caller_tokens.verifier().verify(bearer(req.headers.get("Authorization")))
+
+
+def require(caller: Caller | None, route: str) -> None:
+    """caller_role_missing (403) unless the caller's token carries the route's app role (None: keys, checked)."""
     role = ROUTES[route].role
-    if role not in caller.roles:
+    if caller is not None and role not in caller.roles:
         raise IntakeError("caller_role_missing", f"The caller's token lacks the app role {role}, which "
                                                  f"/api/{route} needs.")
+
+
+def authorize(req: func.HttpRequest, route: str) -> Caller | None:
+    """authenticate, then require the route's role: the one call of a route that needs nothing in between."""
+    caller = authenticate(req)
+    require(caller, route)
     return caller
 
 

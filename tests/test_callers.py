@@ -205,7 +205,15 @@ def test_valid_token_without_the_route_s_role_is_403_naming_it(entra):
     si = entra.si
     leads_only = si.add_caller(["Leads.Create"])
     token = token_for(si, leads_only)
-    status, body, resp = entra.call(CASE, body=a_case(si), headers=bearer(token))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("intake.http").addHandler(handler)
+    try:
+        status, body, resp = entra.call(CASE, body=a_case(si), headers=bearer(token))
+    finally:
+        logging.getLogger("intake.http").removeHandler(handler)
+    assert [getattr(r, "intake.caller_app_id", None) for r in records] == [leads_only["client_id"]]
     err = assert_error(status, body, 403, "caller_role_missing")
     assert "Cases.Create" in err["message"]
     assert "WWW-Authenticate" not in resp.headers

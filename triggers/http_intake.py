@@ -41,8 +41,9 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
     entity = "incident" if parse is parse_case else "lead"
     with telemetry.get().invocation("http", entity, context) as inv:
         try:
-            caller = callers.authorize(req, route)
-            inv.caller = caller.app_id if caller else None
+            caller = callers.authenticate(req)
+            inv.caller = caller.app_id if caller else None  # known from here on, a refused role included
+            callers.require(caller, route)
             event = parse(parse_json(req.get_body()))
             key = idempotency_key(req.headers.get("Idempotency-Key"))
             # Header keys live in their own namespace (per source): they never meet an externalId. Under entra
