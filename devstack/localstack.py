@@ -102,11 +102,43 @@ def start_standin(state_dir: Path, ports: dict[str, int]) -> tuple[subprocess.Po
     return proc, json.loads(info_path.read_text())
 
 
-def standin_settings(info: dict[str, Any], storage: str = "UseDevelopmentStorage=true") -> dict[str, Any]:
-    """local.settings.json for the stand-in. AZURE_CLIENT_SECRET is the stand-in's own vault reader."""
+def standin_settings(info: dict[str, Any], storage: str = "UseDevelopmentStorage=true",
+                     callers: str | None = None) -> dict[str, Any]:
+    """local.settings.json for the stand-in. AZURE_CLIENT_SECRET is the stand-in's own vault reader.
+    `callers` = "entra": callers need a token from the stand-in's Entra ID (INTAKE_CALLER_AUTH=entra)."""
     return {"IsEncrypted": False,
             "Values": {"FUNCTIONS_WORKER_RUNTIME": "python", "AzureWebJobsStorage": storage,
-                       **info["settings_env"]}}
+                       **info["settings_env"], **(info["caller_env"] if callers == "entra" else {})}}
+
+
+def caller_token(state_dir: Path = STATE / "standin") -> str:
+    """An access token for the intake API from the running stand-in, for its local caller (every app role)."""
+    import requests
+
+    info = json.loads((state_dir / "standin.json").read_text())
+    caller = info["local_caller"]
+    resp = requests.post(f"{info['entra_url']}/{info['tenant_id']}/oauth2/v2.0/token", verify=info["ca_path"],
+                         timeout=10, data={"grant_type": "client_credentials", "client_id": caller["client_id"],
+                                           "client_secret": caller["secret"],
+                                           "scope": f"api://{info['api_client_id']}/.default"})
+    resp.raise_for_status()
+    return resp.json()["access_token"]
+
+
+def try_it(port: int, entra: bool) -> str:
+    """The commands printed once the stack is up; under entra each call carries a token from the stand-in."""
+    auth = ' -H "Authorization: Bearer $TOKEN"' if entra else ""
+    token = ("  # INTAKE_CALLER_AUTH=entra: a token from the stand-in's Entra ID (client credentials, every app role)\n"
+             "  TOKEN=$(.venv/bin/python -m devstack.localstack --token)\n") if entra else ""
+    return f"""
+Try it, once the host says it is ready:
+{token}  curl -s localhost:{port}/api/health
+  curl -s -X POST localhost:{port}/api/cases{auth} -H 'Content-Type: application/json' \\
+       -d '{{"title": "Caller reports outage", "customer": {{"email": "ada@example.com"}}, "externalId": "call-1"}}'
+  .venv/bin/python -m tools.queues send cases \\
+       '{{"title": "From the queue", "customer": {{"email": "ada@example.com"}}}}'
+  curl -s localhost:{port}/api/diagnostics{auth}
+"""
 
 
 def uses_standin(settings_path: Path) -> bool:
@@ -193,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", type=Path, default=SETTINGS,
                         help="the local.settings.json to use or write (--stack-only; func reads ./local.settings.json)")
     parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)  # tests: stop after this
+    parser.add_argument("--token", action="store_true",
+                        help="print an access token for the intake API from the running stand-in "
+                             "(INTAKE_CALLER_AUTH=entra)")
     args = parser.parse_args(argv)
+    if args.token:
+        print(caller_token())
+        return 0
     settings_path: Path = args.settings
     # SIGTERM (a terminal closing, a supervisor) must stop the children too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -211,22 +249,16 @@ def main(argv: list[str] | None = None) -> int:
             proc, info = start_standin(STATE / "standin", STANDIN_PORTS)
             procs.append(proc)
             if not settings_path.exists():
-                settings_path.write_text(json.dumps(standin_settings(info), indent=2) + "\n")
+                mode = os.environ.get("INTAKE_CALLER_AUTH")
+                settings_path.write_text(json.dumps(standin_settings(info, callers=mode), indent=2) + "\n")
                 print(f"wrote {settings_path.name}: the app talks to the local stand-in (no Azure tenant needed)")
             print(f"stand-in seeded: contact {info['seed_contact_id']}, account {info['seed_account_id']}")
         else:
             target = json.loads(settings_path.read_text())["Values"].get("DYNAMICS_URL")
             print(f"{settings_path.name} points at {target}: no stand-in started (run `az login` so the app can "
                   "read Key Vault)")
-        print(f"""
-Try it, once the host says it is ready:
-  curl -s localhost:{args.port}/api/health
-  curl -s -X POST localhost:{args.port}/api/cases -H 'Content-Type: application/json' \\
-       -d '{{"title": "Caller reports outage", "customer": {{"email": "ada@example.com"}}, "externalId": "call-1"}}'
-  .venv/bin/python -m tools.queues send cases \\
-       '{{"title": "From the queue", "customer": {{"email": "ada@example.com"}}}}'
-  curl -s localhost:{args.port}/api/diagnostics
-""", flush=True)
+        entra = json.loads(settings_path.read_text())["Values"].get("INTAKE_CALLER_AUTH", "").lower() == "entra"
+        print(try_it(args.port, entra), flush=True)
         if args.stack_only:
             values = json.loads(settings_path.read_text())["Values"]
             os.environ.update(values)  # as func does: the settings file wins over the shell's environment

@@ -86,6 +86,26 @@ param intakeBatchSize string = ''
 @description('INTAKE_BATCH_WINDOW_MS: how long the first of concurrent creates waits for others to join its $batch; empty means the default.')
 param intakeBatchWindowMs string = ''
 
+@allowed([
+  ''
+  'function_key'
+  'entra'
+])
+@description('INTAKE_CALLER_AUTH: how callers prove who they are: function_key (a function key) or entra (an Entra ID access token with an app role); empty means function_key.')
+param intakeCallerAuth string = ''
+
+@description('INTAKE_API_CLIENT_ID: Application (client) ID of the intake API\'s app registration (README, Deploy, Callers with Entra ID); required with entra.')
+param intakeApiClientId string = ''
+
+@description('INTAKE_API_TENANT_ID: Directory (tenant) ID the callers\' tokens come from; empty means the tenant deployed to.')
+param intakeApiTenantId string = ''
+
+@description('With entra: also turn on App Service authentication (authsettingsV2) as a second wall in front of the app: Return401 without a token for the API, allowedApplications below. The app checks every token and its app role either way.')
+param appServiceAuthentication bool = false
+
+@description('With appServiceAuthentication: the callers\' application (client) ids let through (the app still checks each one\'s app role); empty: any caller application of the tenant.')
+param allowedCallerApplications array = []
+
 @description('E-mail address that receives the alerts (poison, failures by code, sustained throttling); empty: no action group.')
 param alertEmail string = ''
 
@@ -111,6 +131,8 @@ var clientSecretName = empty(dynamicsClientSecretName) ? 'dynamics-client-secret
 var certificateName = empty(dynamicsClientCertificateName) ? 'dynamics-client-certificate' : dynamicsClientCertificateName
 var apiVersion = empty(dynamicsApiVersion) ? 'v9.2' : dynamicsApiVersion
 var authorityHost = empty(azureAuthorityHost) ? environment().authentication.loginEndpoint : azureAuthorityHost
+var callerAuth = empty(intakeCallerAuth) ? 'function_key' : intakeCallerAuth
+var apiTenantId = empty(intakeApiTenantId) ? tenant().tenantId : intakeApiTenantId
 
 // The queues the app reads (cases, leads), writes (-rejected) and the host moves failures to (-poison).
 var queueNames = [
@@ -217,6 +239,11 @@ module functionApp 'modules/functionapp.bicep' = {
     intakeBatchWindowMs: batchWindowMs
     queueBatchSize: queueBatchSize
     azureAuthorityHost: authorityHost
+    intakeCallerAuth: callerAuth
+    intakeApiClientId: intakeApiClientId
+    intakeApiTenantId: apiTenantId
+    appServiceAuthentication: (callerAuth == 'entra') && appServiceAuthentication
+    allowedCallerApplications: allowedCallerApplications
   }
 }
 

@@ -217,8 +217,46 @@ def run(environ: dict[str, str] | None = None, *, secrets: SecretSource | None =
     queues = queue_health.check(os.environ if environ is None else environ)
     held = breaker.state()  # this instance's: queue messages wait for the fix without being tried
     warned = any(s["status"] == "warning" for s in steps) or queues["status"] in ("warning", "failed") or bool(held)
-    status = "failed" if failed else ("degraded" if warned else "ok")
-    return {"status": status, "steps": steps, "queues": queues, "breaker": held}
+    report = {"status": "", "steps": steps, "queues": queues, "breaker": held}
+    from shared import callers
+
+    if callers.MODE != "function_key":  # the caller check's own section: the Dataverse chain does not need it
+        report["callers"] = callers_check(environ)
+        failed = failed or report["callers"]["status"] == "failed"
+    report["status"] = "failed" if failed else ("degraded" if warned else "ok")
+    return report
+
+
+def callers_check(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """INTAKE_CALLER_AUTH=entra: the settings are valid (the audience configured) and the tenant's signing keys
+    can be fetched now, as the app fetches them (a fresh fetch, not this instance's cache)."""
+    from shared import callers
+
+    t = time.perf_counter()
+    try:
+        if callers.MODE != "entra":
+            problem = f"INTAKE_CALLER_AUTH must be one of {', '.join(settings_mod.CALLER_MODES)}"
+            raise IntakeError("config_invalid", problem, details=[{"field": "INTAKE_CALLER_AUTH", "problem": problem}])
+        s = settings_mod.load_callers(environ)
+        from shared.caller_tokens import KeySet
+
+        keys = KeySet(s)
+        try:
+            count = keys.fetch_now()
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch is the same finding for the operator
+            raise IntakeError("caller_keys_unavailable", f"The tenant's signing keys could not be fetched "
+                                                         f"({type(exc).__name__}).") from None
+        finally:
+            keys.session.close()
+    except IntakeError as err:
+        out = {"mode": callers.MODE, "status": "failed", "ms": round((time.perf_counter() - t) * 1000, 1),
+               "code": err.code, "detail": err.detail, "fix": err.fix}
+        if err.details:
+            out["details"] = err.details
+        return out
+    return {"mode": "entra", "status": "ok", "ms": round((time.perf_counter() - t) * 1000, 1), "code": None,
+            "detail": f"callers' tokens are checked for INTAKE_API_CLIENT_ID (or api://<it>) of INTAKE_API_TENANT_ID; "
+                      f"the tenant publishes {count} signing keys", "fix": ""}
 
 
 def _start_walk() -> tuple[Future[dict[str, Any]], _Progress]:

@@ -42,6 +42,24 @@ CODES: dict[str, Code] = {
              "attempt or time, or a claim-check blob that is gone).",
         "Envelopes are written by this app only: find the producer that sent it (the reason names the field); "
         "to create the event, send its original body as a plain message.", True),
+    # The caller (HTTP routes, INTAKE_CALLER_AUTH=entra).
+    "caller_token_missing": Code(
+        401, "The request carries no bearer token (no Authorization header, an empty one, or another scheme).",
+        "Send Authorization: Bearer <token>, a token from Entra ID for api://<INTAKE_API_CLIENT_ID>/.default "
+        "(client credentials), as README, Calling with Entra ID, shows."),
+    "caller_token_invalid": Code(
+        401, "The bearer token failed a check (the message names it): signature, algorithm, expiry, issuer, "
+             "audience, tenant, or not an application token.",
+        "Request a new token for api://<INTAKE_API_CLIENT_ID>/.default from the tenant INTAKE_API_TENANT_ID with the "
+        "client credentials grant (an application token, not a user's) and send it before it expires."),
+    "caller_role_missing": Code(
+        403, "The caller's token is valid but lacks the app role this route needs (the message names it).",
+        "Enterprise applications > the intake API > Users and groups (or az rest, README, Deploy): assign the named "
+        "app role to the caller's service principal, then request a new token."),
+    "caller_keys_unavailable": Code(
+        503, "Entra ID's signing keys could not be fetched while the token's key was unknown to this instance.",
+        "Nothing to change: send it again after Retry-After. Check the app's outbound network to "
+        "AZURE_AUTHORITY_HOST if it persists."),
     # Configuration of this app.
     "config_invalid": Code(503, "An app setting is missing or malformed.",
                            "Set the named app setting (Function App > Settings > Environment variables).",

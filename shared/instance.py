@@ -7,6 +7,7 @@ the per-request path does none of that work again.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -60,6 +61,9 @@ def reset(**client_options: Any) -> None:
 
     diagnostics.forget()
     breaker.reset()
+    tokens = sys.modules.get("shared.caller_tokens")  # never imported here: it loads PyJWT (entra mode only)
+    if tokens is not None:
+        tokens.reset()
     with _lock:
         if _intake is not None:
             _intake.client.close()

@@ -38,6 +38,12 @@ HEADER_KEY_SOURCE = "Idempotency-Key "
 IDENTITY_COLUMNS = {"incident": ("title", "_customerid_value"), "lead": ("lastname", "firstname", "emailaddress1")}
 
 
+def caller_namespace(caller: str | None, source: str | None) -> str | None:
+    """A key's namespace: the source alone, or under a caller's application id its own (a source holds no space,
+    so the two kinds never meet)."""
+    return source if caller is None else f"app:{caller} {source or ''}"
+
+
 def record_id(entity: str, source: str | None, key: str) -> str:
     """The id a keyed event's row gets: the same event always maps to the same id."""
     return str(uuid.uuid5(NAMESPACE, f"{entity}\n{source or ''}\n{key}"))
@@ -161,14 +167,15 @@ class Intake:
                               "this event's.", record_id=rid)
 
     def submit(self, event: Event, *, key: str | None = None, key_source: str | None = None,
-               budget: float | Deadline = 20.0) -> Outcome:
-        """Create the event's row. `key` (in the namespace `key_source`) stands in when it has no externalId."""
+               budget: float | Deadline = 20.0, caller: str | None = None) -> Outcome:
+        """Create the event's row. `key` (in the namespace `key_source`) stands in when it has no externalId;
+        `caller` (an application id, INTAKE_CALLER_AUTH=entra) puts both kinds of key in its own namespace."""
         deadline = Deadline.of(budget)
         entity_set = ENTITY_SETS[event.entity]
         if event.external_id:
-            rid, keyed = record_id(event.entity, event.source, event.external_id), True
+            rid, keyed = record_id(event.entity, caller_namespace(caller, event.source), event.external_id), True
         elif key:
-            rid, keyed = record_id(event.entity, key_source, key), True
+            rid, keyed = record_id(event.entity, caller_namespace(caller, key_source), key), True
         else:
             rid, keyed = str(uuid.uuid4()), False  # still created by id: retries inside this call stay safe
         columns = event.columns  # the event is this request's own: bind the customer in place

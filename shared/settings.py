@@ -56,7 +56,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INTAKE_BATCH_WINDOW_MS", False, "20", "how long the first of concurrent creates waits for others to "
             "join its $batch (a create with nothing else in flight never waits)"),
     Setting("AZURE_AUTHORITY_HOST", False, None, "Entra ID authority host; default Microsoft's public cloud"),
+    Setting("INTAKE_CALLER_AUTH", False, "function_key", "how callers of the HTTP routes prove who they are: "
+            "function_key (a function key) or entra (an Entra ID access token with an app role); read at import"),
+    Setting("INTAKE_API_CLIENT_ID", False, None, "required when INTAKE_CALLER_AUTH=entra: application (client) id of "
+            "the intake API's app registration (a token's aud must be it or api://<it>)"),
+    Setting("INTAKE_API_TENANT_ID", False, None, "required when INTAKE_CALLER_AUTH=entra: directory (tenant) id the "
+            "callers' tokens are issued in"),
 )
+CALLER_MODES = ("function_key", "entra")
+PUBLIC_AUTHORITY = "https://login.microsoftonline.com"
 
 
 def default(name: str) -> str:
@@ -175,6 +183,57 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                     dataverse_concurrency=int(numbers["INTAKE_DATAVERSE_CONCURRENCY"]),
                     deferral_max_hours=numbers["INTAKE_DEFERRAL_MAX_HOURS"],
                     batch_size=int(numbers["INTAKE_BATCH_SIZE"]), batch_window_ms=numbers["INTAKE_BATCH_WINDOW_MS"])
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    """What the caller check needs (INTAKE_CALLER_AUTH=entra); read on first use, like every other setting."""
+
+    api_client_id: str
+    tenant_id: str
+    authority: str  # AZURE_AUTHORITY_HOST as azure-identity reads it: an https origin, the public cloud by default
+
+    @property
+    def audiences(self) -> list[str]:
+        return [self.api_client_id, f"api://{self.api_client_id}", f"api://{self.api_client_id}/"]
+
+    @property
+    def openid_configuration(self) -> str:
+        return f"{self.authority}/{self.tenant_id}/v2.0/.well-known/openid-configuration"
+
+    @property
+    def v1_issuer(self) -> str:
+        """The v1 issuer of the authority's cloud: sts.windows.net everywhere but Microsoft's China cloud."""
+        host = urlsplit(self.authority).hostname or ""
+        sts = "https://sts.chinacloudapi.cn" if host.endswith(".microsoftonline.cn") else "https://sts.windows.net"
+        return f"{sts}/{self.tenant_id}/"
+
+
+def caller_mode(environ: Mapping[str, str] | None = None) -> str:
+    """INTAKE_CALLER_AUTH as given (lower case), its default when unset; may be a value that is no mode."""
+    env = os.environ if environ is None else environ
+    return (env.get("INTAKE_CALLER_AUTH") or "").strip().lower() or default("INTAKE_CALLER_AUTH")
+
+
+def load_callers(environ: Mapping[str, str] | None = None) -> CallerSettings:
+    """The caller check's settings, every problem named at once (config_invalid)."""
+    env = os.environ if environ is None else environ
+    problems: list[dict] = []
+    if caller_mode(env) not in CALLER_MODES:
+        problems.append({"field": "INTAKE_CALLER_AUTH",
+                         "problem": f"INTAKE_CALLER_AUTH must be one of {', '.join(CALLER_MODES)}"})
+    values = {}
+    for name in ("INTAKE_API_CLIENT_ID", "INTAKE_API_TENANT_ID"):
+        values[name] = (env.get(name) or "").strip().lower()
+        if not values[name]:
+            problems.append({"field": name, "problem": f"{name} is required when INTAKE_CALLER_AUTH=entra"})
+        elif not _GUID.match(values[name]):
+            problems.append({"field": name, "problem": f"{name} must be a GUID"})
+    authority = (env.get("AZURE_AUTHORITY_HOST") or "").strip()
+    authority = _https_origin("AZURE_AUTHORITY_HOST", authority, problems) if authority else PUBLIC_AUTHORITY
+    if problems:
+        raise IntakeError("config_invalid", "; ".join(p["problem"] for p in problems), details=problems)
+    return CallerSettings(values["INTAKE_API_CLIENT_ID"], values["INTAKE_API_TENANT_ID"], authority)
 
 
 def is_public_authority(authority_host: str | None) -> bool:

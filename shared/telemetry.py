@@ -58,6 +58,7 @@ class Invocation:
         self.attempt: int | None = None
         self.reason: str | None = None
         self.breaker: str | None = None  # "held" or "probe" while the breaker is open (shared/breaker.py)
+        self.caller: str | None = None  # the calling application's id (INTAKE_CALLER_AUTH=entra), never a token
         self.started = time.perf_counter()
 
     def ended(self, outcome: str, *, code: str | None = None, record_id: str | None = None) -> None:
@@ -67,7 +68,8 @@ class Invocation:
         out = {f"{PREFIX}.trigger": self.trigger, f"{PREFIX}.entity": self.entity,
                f"{PREFIX}.outcome": self.outcome, f"{PREFIX}.code": self.code or "",
                f"{PREFIX}.record_id": self.record_id, f"{PREFIX}.attempt": self.attempt,
-               f"{PREFIX}.deferral_reason": self.reason, f"{PREFIX}.breaker": self.breaker}
+               f"{PREFIX}.deferral_reason": self.reason, f"{PREFIX}.breaker": self.breaker,
+               f"{PREFIX}.caller_app_id": self.caller}
         return {k: v for k, v in out.items() if v is not None}
 
 

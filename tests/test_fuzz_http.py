@@ -179,6 +179,20 @@ def validator_accepts(kind: str, body: Any) -> bool:
 # ---- HTTP ---------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["function_key", "entra"])
+def stack(stack, request, monkeypatch):  # noqa: F811 - the conftest stack, in each caller mode
+    """Every test here runs under function keys and under entra (each call then carries a valid token)."""
+    if request.param == "entra":
+        from tests.test_callers import use_entra, with_token
+
+        with_token(stack, use_entra(stack, monkeypatch))
+    yield stack
+    from shared import caller_tokens
+
+    caller_tokens.reset()
+
+
+
 @FUZZ
 @given(route=st.sampled_from(sorted(ROUTES)), value=json_values)
 def test_any_json_value_gets_a_classified_answer(stack, route, value):

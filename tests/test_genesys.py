@@ -11,6 +11,7 @@ import airspeed
 import jsonschema
 import pytest
 
+from tests.test_callers import entra  # noqa: F401 - the entra caller mode fixture
 from triggers import http_intake
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +115,59 @@ def test_lead_action(stack):
     (row,) = stack.si.records("leads")
     assert (row["lastname"], out["leadId"]) == ('O"Brien', row["leadid"])
     assert run_action(stack, ACTIONS["create-lead"], inputs)[0] == 200
+
+
+# ---- the OAuth variant (INTAKE_CALLER_AUTH=entra): a "User Defined (OAuth)" credential ---------------------------
+OAUTH = {name: json.loads((ROOT / "integrations" / "genesys" / "oauth" / f"{name}.json").read_text())
+         for name in ("custom-auth", "create-case", "create-lead")}
+
+
+class EscUrl(Esc):
+    def url(self, value: object) -> str:
+        from urllib.parse import quote
+
+        return quote("" if value is None else str(value), safe="")
+
+
+def test_oauth_actions_are_the_key_actions_with_a_bearer_token():
+    for name in ("create-case", "create-lead"):
+        keyed, oauth = ACTIONS[name]["config"]["request"], OAUTH[name]["config"]["request"]
+        assert oauth["headers"] == {"Authorization": "Bearer ${authResponse.access_token}",
+                                    "Content-Type": "application/json"}
+        assert {k: v for k, v in oauth.items() if k != "headers"} == {k: v for k, v in keyed.items() if k != "headers"}
+        assert OAUTH[name]["contract"] == ACTIONS[name]["contract"]
+
+
+@pytest.mark.parametrize("name", ["create-case", "create-lead"])
+def test_oauth_custom_auth_gets_a_token_from_entra_and_the_action_sends_it(entra, name):  # noqa: F811
+    """The custom auth action rendered with the credential's fields and posted to the stand-in's Entra ID over its
+    socket; its answer is ${authResponse}; the data action rendered with it is let in by the app (entra mode)."""
+    import requests
+
+    si = entra.si
+    caller = si.add_caller(["Cases.Create", "Leads.Create"])
+    credentials = {"loginHost": si.entra_url.removeprefix("https://"), "tenantId": si.tenant_id,
+                   "clientId": caller["client_id"], "clientSecret": caller["secret"],
+                   "apiClientId": si.api_client_id, "functionAppHost": "intake.example.net"}
+    auth = OAUTH["custom-auth"]["config"]["request"]
+    context = {"esc": EscUrl(), "credentials": credentials}
+    url = airspeed.Template(auth["requestUrlTemplate"]).merge(context)
+    form = airspeed.Template(auth["requestTemplate"]).merge(context)
+    resp = requests.post(url, data=form, headers=auth["headers"], verify=si.ca_path, timeout=10)
+    assert resp.status_code == 200, resp.text
+    auth_response = resp.json()
+    jsonschema.Draft4Validator(OAUTH["custom-auth"]["contract"]["output"]["successSchema"]).validate(auth_response)
+    action = OAUTH[name]
+    request = action["config"]["request"]
+    inputs = ({"title": "Outage", "customerEmail": "ada@example.com", "conversationId": "conv-oauth"}
+              if name == "create-case" else {"lastName": "Doe", "conversationId": "conv-oauth"})
+    ctx = {"esc": Esc(), "credentials": credentials, "input": inputs, "authResponse": auth_response}
+    headers = {k: airspeed.Template(v).merge(ctx) for k, v in request["headers"].items()}
+    assert headers["Authorization"] == f"Bearer {auth_response['access_token']}"
+    body = airspeed.Template(request["requestTemplate"]).merge(ctx)
+    fn = http_intake.create_case if name == "create-case" else http_intake.create_lead
+    status, answer, _ = entra.call(fn, route=f"api/{name.split('-')[1]}s", raw=body.encode(), headers=headers)
+    assert status == 201, answer
+    status, answer, _ = entra.call(fn, route=f"api/{name.split('-')[1]}s", raw=body.encode(),
+                                   headers={"Content-Type": "application/json"})
+    assert status == 401 and answer["error"]["code"] == "caller_token_missing"

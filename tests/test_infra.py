@@ -634,3 +634,28 @@ def test_the_measured_topology_is_the_template_s_formula() -> None:
     path, _ = _app_settings()
     module = path.read_text()
     assert "value: string(queueBatchSize / 2)" in module  # newBatchThreshold, as per_instance says
+
+
+def test_caller_mode_and_api_registration_are_template_parameters() -> None:
+    """INTAKE_CALLER_AUTH is function_key or entra (nothing else can reach the app); the API's client id is given."""
+    params = _doc(MAIN)["parameters"]
+    assert set(params["intakeCallerAuth"]["decorators"][0]["argument"]) == {"", "function_key", "entra"}
+    assert {"intakeApiClientId", "intakeApiTenantId", "appServiceAuthentication"} <= set(params)
+    assert _parameters_file()["intakeApiClientId"]["value"] == "${INTAKE_API_CLIENT_ID}"
+
+
+def test_app_service_authentication_is_an_optional_second_wall_for_entra_only() -> None:
+    path, name, body = _one("Microsoft.Web/sites/config")
+    assert body["name"] == "authsettingsV2"
+    assert _resources(path)[name]["config"]["condition"] == "appServiceAuthentication"
+    (caller, params), = _callers(path)
+    where, value = _resolve(caller, params["appServiceAuthentication"])
+    assert value["operator"]["type"] == "and", "only with INTAKE_CALLER_AUTH=entra"
+    props = body["properties"]
+    assert props["globalValidation"]["requireAuthentication"] is True
+    assert props["globalValidation"]["unauthenticatedClientAction"] == "Return401"
+    assert set(props["globalValidation"]["excludedPaths"]) == {"/api/health", "/api/openapi.json"}
+    aad = props["identityProviders"]["azureActiveDirectory"]
+    assert aad["registration"]["clientId"] == "intakeApiClientId"
+    assert len(aad["validation"]["allowedAudiences"]) == 2
+    assert aad["validation"]["defaultAuthorizationPolicy"]["allowedApplications"] == "allowedCallerApplications"

@@ -158,3 +158,38 @@ def test_end_to_end_with_func(tmp_path, azurite):
     finally:
         localstack.stop(host)
         localstack.stop(proc)
+
+
+def test_local_run_in_entra_caller_mode_prints_and_gets_a_working_token(tmp_path, monkeypatch):
+    """INTAKE_CALLER_AUTH=entra set for the first run: local.settings.json carries the caller settings, the printed
+    commands fetch a token (python -m devstack.localstack --token) and send it, and the app lets exactly that in."""
+    from shared import caller_tokens, callers
+
+    ports = {"entra": free_port(), "vault": free_port(), "dataverse": free_port()}
+    proc, info = localstack.start_standin(tmp_path / "standin", ports)
+    try:
+        values = localstack.standin_settings(info, callers="entra")["Values"]
+        assert values["INTAKE_CALLER_AUTH"] == "entra" and values["INTAKE_API_CLIENT_ID"] == info["api_client_id"]
+        printed = localstack.try_it(7071, entra=True)
+        assert "TOKEN=$(.venv/bin/python -m devstack.localstack --token)" in printed
+        assert printed.count('-H "Authorization: Bearer $TOKEN"') == 2
+        assert "Authorization" not in localstack.try_it(7071, entra=False)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(callers, "MODE", "entra")
+        instance.reset()
+        token = localstack.caller_token(tmp_path / "standin")
+        import azure.functions as func
+
+        from triggers import http_intake
+
+        create = http_intake.create_case.build().get_user_function()
+        body = json.dumps({"title": "Local", "customer": {"contactId": info["seed_contact_id"]}}).encode()
+        assert create(func.HttpRequest("POST", "/api/cases", body=body), Context()).status_code == 401
+        resp = create(func.HttpRequest("POST", "/api/cases", body=body, headers={"Authorization": f"Bearer {token}"}),
+                      Context())
+        assert resp.status_code == 201, resp.get_body()
+    finally:
+        instance.reset()
+        caller_tokens.reset()
+        localstack.stop(proc)

@@ -63,24 +63,53 @@ def test_the_app_serves_the_committed_document(stack):
 SCHEMA = schemathesis.openapi.from_dict(DOC)
 
 
-@pytest.fixture
-def base_url(stack):
-    with serve() as url:
-        yield url
+@pytest.fixture(params=["function_key", "entra"])
+def served(stack, request, monkeypatch):
+    """The functions behind a socket, under function keys (the host's key check) and under entra (a token)."""
+    headers = {"x-functions-key": FUNCTION_KEY}
+    if request.param == "entra":
+        from tests.test_callers import use_entra
+
+        headers = {"Authorization": f"Bearer {use_entra(stack, monkeypatch)}"}
+    with serve(keys=request.param != "entra") as url:
+        yield url, headers
+    from shared import caller_tokens
+
+    caller_tokens.reset()
 
 
 @SCHEMA.parametrize()
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.filter_too_much])
-def test_the_functions_answer_as_documented(case, base_url):
+def test_the_functions_answer_as_documented(case, served):
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import positive_data_acceptance, unsupported_method
 
     # Undeclared methods are the host's routing, not the app's (the stand-in host answers 405 without Allow).
     # A body the schema accepts may still be refused by Dataverse (an unknown column, an account that does
     # not exist): a documented 502 with its code, so "any 5xx" is no finding; a 500 is.
-    response = case.call_and_validate(base_url=base_url, headers={"x-functions-key": FUNCTION_KEY},
+    base_url, headers = served
+    response = case.call_and_validate(base_url=base_url, headers=headers,
                                       excluded_checks=[positive_data_acceptance, not_a_server_error,
                                                                        unsupported_method])
     assert response.status_code != 500, response.text
+
+
+def test_both_caller_schemes_are_declared_and_the_entra_connector_uses_aad():
+    schemes = DOC["components"]["securitySchemes"]
+    assert set(schemes) == {"functionKey", "entraId"}
+    assert DOC["security"] == [{"functionKey": []}, {"entraId": [apidocs.API_SCOPE]}]  # either one
+    assert apidocs.API_SCOPE in schemes["entraId"]["flows"]["clientCredentials"]["scopes"]
+    entra = json.loads(apidocs.SWAGGER_ENTRA.read_text())
+    validate(entra)
+    assert entra["securityDefinitions"]["oauth2_auth"]["type"] == "oauth2" and entra["security"] == [
+        {"oauth2_auth": []}]
+    assert entra["paths"] == SWAGGER["paths"]
+    props = json.loads((apidocs.SWAGGER_ENTRA.parent / "apiProperties.json").read_text())
+    token = props["properties"]["connectionParameters"]["token"]
+    assert token["type"] == "oauthSetting" and token["oAuthSettings"]["identityProvider"] == "aad"
+    assert token["oAuthSettings"]["properties"]["AzureActiveDirectoryResourceId"] == "api://<INTAKE_API_CLIENT_ID>"
+    for status in ("401", "403"):
+        codes = DOC["paths"]["/cases"]["post"]["responses"][status]["content"]["application/json"]["schema"]
+        assert codes["properties"]["error"]["properties"]["code"]["enum"]

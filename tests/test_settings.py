@@ -68,3 +68,22 @@ def test_import_reads_no_setting(monkeypatch):
 
     importlib.reload(function_app)
     assert len(function_app.app.get_functions()) == 7
+
+
+def test_caller_settings_are_named_and_the_authority_normalised():
+    api, tenant = "11111111-2222-3333-4444-555555555555", "72F988BF-86F1-41AF-91AB-2D7CD011DB47"
+    s = settings.load_callers({"INTAKE_CALLER_AUTH": "entra", "INTAKE_API_CLIENT_ID": api,
+                               "INTAKE_API_TENANT_ID": tenant})
+    assert s.authority == "https://login.microsoftonline.com" and s.tenant_id == tenant.lower()
+    assert s.v1_issuer == f"https://sts.windows.net/{tenant.lower()}/"
+    assert s.audiences == [api, f"api://{api}", f"api://{api}/"]
+    s = settings.load_callers({"INTAKE_API_CLIENT_ID": api, "INTAKE_API_TENANT_ID": tenant,
+                               "AZURE_AUTHORITY_HOST": "https://login.partner.microsoftonline.cn/"})
+    assert s.openid_configuration.startswith("https://login.partner.microsoftonline.cn/72f988bf")
+    assert s.v1_issuer.startswith("https://sts.chinacloudapi.cn/")
+    with pytest.raises(IntakeError) as caught:
+        settings.load_callers({"INTAKE_CALLER_AUTH": "keys", "INTAKE_API_CLIENT_ID": "x"})
+    assert [d["field"] for d in caught.value.details] == ["INTAKE_CALLER_AUTH", "INTAKE_API_CLIENT_ID",
+                                                          "INTAKE_API_TENANT_ID"]
+    assert settings.caller_mode({}) == "function_key"
+    assert settings.caller_mode({"INTAKE_CALLER_AUTH": " Entra "}) == "entra"

@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ROOT / "docs" / "contract.schema.json"
 OPENAPI = ROOT / "docs" / "openapi.json"
 SWAGGER = ROOT / "integrations" / "power-automate" / "apiDefinition.swagger.json"
+SWAGGER_ENTRA = ROOT / "integrations" / "power-automate" / "entra" / "apiDefinition.swagger.json"
 KEY_HEADER = "x-functions-key"
+# INTAKE_CALLER_AUTH=entra: a caller's token is for the intake API's app registration (README, Calling with Entra ID).
+API_SCOPE = "api://<INTAKE_API_CLIENT_ID>/.default"
+TOKEN_URL = "https://login.microsoftonline.com/<INTAKE_API_TENANT_ID>/oauth2/v2.0/token"
 ROUTES = {"cases": ("case", "CreateCase", "Create a case",
                     "Creates a Dynamics 365 case (incident) for a customer found or created by email or phone. "
                     "Send externalId (and source) so a retry can never create a second case."),
@@ -28,7 +32,7 @@ ROUTES = {"cases": ("case", "CreateCase", "Create a case",
                     "Creates a Dynamics 365 lead. Send externalId (and source) so a retry can never create a "
                     "second lead.")}
 # Which error codes each answer can carry (the code table's status decides; a code is listed where it occurs).
-ERROR_STATUSES = (400, 409, 413, 415, 500, 502, 503, 504)
+ERROR_STATUSES = (400, 401, 403, 409, 413, 415, 500, 502, 503, 504)
 
 
 def _contract() -> dict[str, Any]:
@@ -79,11 +83,14 @@ def openapi() -> dict[str, Any]:
             "201": {"description": "Created.", "content": {"application/json": {"schema": _created_schema(entity)}}},
             "200": {"description": "A repeat of the same event's key: the existing record.",
                     "content": {"application/json": {"schema": _created_schema(entity)}}}}
-        responses["401"] = {"description": "No function key, or a wrong one: answered by the Functions host itself, "
-                                           "with an empty body."}
         for status in ERROR_STATUSES:
             resp: dict[str, Any] = {"description": ", ".join(sorted(by_status[status])),
                                     "content": {"application/json": {"schema": _error_schema(by_status[status])}}}
+            if status == 401:
+                resp["description"] = ("Under function keys: no key or a wrong one, answered by the Functions host "
+                                       "with an empty body. Under Entra ID: " + resp["description"] + ".")
+                resp["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description":
+                                   'Bearer (no token), or Bearer error="invalid_token" (Entra ID mode).'}}
             if status == 503:
                 resp["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
                                                    "description": "Seconds to wait before sending again."}}
@@ -107,11 +114,18 @@ def openapi() -> dict[str, Any]:
             "servers": [{"url": "https://{app}.azurewebsites.net/api",
                          "variables": {"app": {"default": "contoso-intake"}}},
                         {"url": "http://localhost:7071/api"}],
-            "security": [{"functionKey": []}],
+            "security": [{"functionKey": []}, {"entraId": [API_SCOPE]}],
             "paths": paths,
-            "components": {"schemas": schemas, "securitySchemes": {"functionKey": {
-                "type": "apiKey", "in": "header", "name": KEY_HEADER,
-                "description": "A function key of the Function App (az functionapp function keys list)."}}}}
+            "components": {"schemas": schemas, "securitySchemes": {
+                "functionKey": {"type": "apiKey", "in": "header", "name": KEY_HEADER,
+                                "description": "INTAKE_CALLER_AUTH=function_key (the default): a function key of the "
+                                               "Function App (az functionapp function keys list)."},
+                "entraId": {"type": "oauth2", "description": (
+                    "INTAKE_CALLER_AUTH=entra: an Entra ID access token for the intake API (client credentials, "
+                    "scope api://<INTAKE_API_CLIENT_ID>/.default) carrying the route's app role: Cases.Create "
+                    "(POST /cases), Leads.Create (POST /leads). Sent as Authorization: Bearer <token>."),
+                    "flows": {"clientCredentials": {"tokenUrl": TOKEN_URL, "scopes": {
+                        API_SCOPE: "The app roles assigned to the calling application."}}}}}}}
 
 
 _SWAGGER_KEYWORDS = frozenset({"type", "format", "title", "description", "default", "maximum", "minimum", "maxLength",
@@ -154,8 +168,9 @@ def _down(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def swagger() -> dict[str, Any]:
-    """The Power Automate / Logic Apps custom connector's definition (Swagger 2.0), from the same source."""
+def swagger(entra: bool = False) -> dict[str, Any]:
+    """The Power Automate / Logic Apps custom connector's definition (Swagger 2.0), from the same source;
+    `entra`: the variant whose connection signs in with Azure Active Directory (OAuth 2.0)."""
     doc = openapi()
     defs = doc["components"]["schemas"]
     paths: dict[str, Any] = {}
@@ -178,14 +193,68 @@ def swagger() -> dict[str, Any]:
             "info": {"title": "Dynamics 365 intake", "version": doc["info"]["version"],
                      "description": "Create Dynamics 365 cases and leads exactly once, with named failures."},
             "host": "contoso-intake.azurewebsites.net", "basePath": "/api", "schemes": ["https"],
-            "securityDefinitions": {"api_key": {"type": "apiKey", "in": "header", "name": KEY_HEADER}},
-            "security": [{"api_key": []}],
+            "securityDefinitions": _ENTRA_SECURITY if entra else {"api_key": {"type": "apiKey", "in": "header",
+                                                                               "name": KEY_HEADER}},
+            "security": [{"oauth2_auth": []}] if entra else [{"api_key": []}],
             "paths": paths}
+
+
+# What the maker portal writes for "OAuth 2.0 / Azure Active Directory": the real endpoints and scope come from
+# apiProperties.json's oAuthSettings (the connection's tenant, client, resource), not from these URLs.
+_ENTRA_SECURITY = {"oauth2_auth": {"type": "oauth2", "flow": "accessCode",
+                                   "authorizationUrl": "https://login.windows.net/common/oauth2/authorize",
+                                   "tokenUrl": "https://login.windows.net/common/oauth2/authorize", "scopes": {}}}
+
+
+GENESYS = ROOT / "integrations" / "genesys"
+GENESYS_ACTIONS = ("create-case", "create-lead")
+# The custom auth action of a "User Defined (OAuth)" credential: Entra ID's client credentials request for the
+# intake API, from the credential's fields. Genesys keeps the answer as ${authResponse.*} for the data actions.
+_GENESYS_AUTH = {
+    "name": "Dynamics 365 intake - Entra ID token (custom auth)",
+    "integrationType": "custom-rest-actions",
+    "actionType": "custom",
+    "secure": True,
+    "category": "Dynamics 365 intake",
+    "config": {
+        "request": {
+            "requestUrlTemplate": "https://${credentials.loginHost}/${credentials.tenantId}/oauth2/v2.0/token",
+            "requestType": "POST",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+            "requestTemplate": "grant_type=client_credentials&client_id=$esc.url($credentials.clientId)"
+                               "&client_secret=$esc.url($credentials.clientSecret)"
+                               "&scope=$esc.url(\"api://${credentials.apiClientId}/.default\")"},
+        "response": {"translationMap": {}, "translationMapDefaults": {}, "successTemplate": "${rawResult}"},
+        "timeoutSeconds": 10},
+    "contract": {"input": {"inputSchema": {"$schema": "http://json-schema.org/draft-04/schema#",
+                                           "title": "Custom auth input", "type": "object", "properties": {}}},
+                 "output": {"successSchema": {"$schema": "http://json-schema.org/draft-04/schema#",
+                                              "title": "Entra ID token response", "type": "object",
+                                              "required": ["access_token"],
+                                              "properties": {"access_token": {"type": "string"},
+                                                             "token_type": {"type": "string"},
+                                                             "expires_in": {"type": "integer"}}}}}}
+
+
+def genesys_oauth() -> dict[Path, str]:
+    """The OAuth variant of the Genesys data actions, from the function-key ones (their one source): the same
+    request and contract, sending the custom auth action's token instead of the function key."""
+    out = {GENESYS / "oauth" / "custom-auth.json": json.dumps(_GENESYS_AUTH, indent=2, ensure_ascii=False) + "\n"}
+    for name in GENESYS_ACTIONS:
+        action = json.loads((GENESYS / f"{name}.json").read_text())
+        action["name"] += " (Entra ID)"
+        headers = action["config"]["request"]["headers"]
+        headers.pop(KEY_HEADER)
+        action["config"]["request"]["headers"] = {"Authorization": "Bearer ${authResponse.access_token}", **headers}
+        out[GENESYS / "oauth" / f"{name}.json"] = json.dumps(action, indent=2, ensure_ascii=False) + "\n"
+    return out
 
 
 def rendered() -> dict[Path, str]:
     return {OPENAPI: json.dumps(openapi(), indent=2, ensure_ascii=False) + "\n",
-            SWAGGER: json.dumps(swagger(), indent=2, ensure_ascii=False) + "\n"}
+            SWAGGER: json.dumps(swagger(), indent=2, ensure_ascii=False) + "\n",
+            SWAGGER_ENTRA: json.dumps(swagger(entra=True), indent=2, ensure_ascii=False) + "\n",
+            **genesys_oauth()}
 
 
 def main(argv: list[str]) -> int:

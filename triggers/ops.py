@@ -1,7 +1,8 @@
 """Operator routes: an anonymous liveness probe and the diagnostics of the whole chain.
 
-Diagnostics run with the admin (master) key only: the producers' function and host keys cannot
-open it, and what it shows is for the operator.
+Diagnostics run with the admin (master) key only (INTAKE_CALLER_AUTH=function_key), or for a caller whose
+token carries the app role Intake.Admin (entra): the producers' keys and roles cannot open it, and what it
+shows is for the operator.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import azure.functions as func
 
-from shared import __version__
+from shared import __version__, callers, telemetry
 
 log = logging.getLogger("intake.ops")
 ops_bp = func.Blueprint()
@@ -37,9 +38,21 @@ def openapi(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(_openapi(), status_code=200, mimetype="application/json")
 
 
-@ops_bp.route(route="diagnostics", methods=["GET"], auth_level=func.AuthLevel.ADMIN)
+@ops_bp.route(route="diagnostics", methods=["GET"], auth_level=callers.auth_level("diagnostics"))
 def diagnostics(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     from shared import diagnostics as diag
+    from shared.errors import IntakeError
+    from triggers.http_intake import error_response
+
+    try:
+        caller = callers.authorize(req, "diagnostics")
+    except IntakeError as err:
+        log.warning("diagnostics refused: invocation=%s code=%s status=%s", context.invocation_id, err.code,
+                    err.status, extra=telemetry.fields(invocation=context.invocation_id, code=err.code))
+        return error_response(err, context.invocation_id)
+    if caller is not None:
+        log.info("diagnostics: invocation=%s caller_app_id=%s", context.invocation_id, caller.app_id,
+                 extra=telemetry.fields(invocation=context.invocation_id, caller_app_id=caller.app_id))
 
     report = diag.cached()
     report["correlationId"] = context.invocation_id

@@ -20,7 +20,8 @@ OPS = frozenset({
     "rotate_dynamics_secret", "set_secret", "disable_secret", "enable_secret", "delete_secret",
     "set_secret_expiry", "deny_vault_access", "remove_app_user", "restore_app_user", "disable_app_user",
     "enable_app_user", "revoke_privilege", "grant_privilege", "privileges", "add_column", "add_record", "delete_record",
-    "reset_counters",
+    "reset_counters", "add_caller", "set_caller_roles", "set_api_token_version", "rotate_signing_key",
+    "retire_signing_key",
 })
 
 

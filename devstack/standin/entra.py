@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from .base import HandlerFn, HttpError, Request, Response, Route, format_retry_after, json_response
@@ -121,6 +122,7 @@ class Directory:
         self._registrations: dict[str, Registration] = {}
         self.identities: dict[str, str] = {}  # managed identities: client id -> principal (object) id
         self.identity_header = secrets.token_urlsafe(16)
+        self.callers: Any = None  # the intake API's registration, callers and signing keys (callers.py)
 
     def registration(self, client_id: str) -> Registration:
         with self._lock:
@@ -173,6 +175,12 @@ class Directory:
         """"valid", "expired", or None when the app has no such secret."""
         with self._lock:
             return self._apps.get(client_id, {}).get(value)
+
+    def record(self, token: str, client_id: str, audience: str, lifetime: int) -> None:
+        """Remember a token issued elsewhere (a caller's, for the intake API), for the leak check."""
+        with self._lock:
+            self._tokens[token] = TokenInfo(client_id, audience, time.time() + lifetime, self._generation)
+            self._issued.append(token)
 
     def issue(self, client_id: str, audience: str) -> tuple[str, int]:
         lifetime = self.token_lifetime
@@ -344,7 +352,8 @@ class EntraService:
 
     def keys(self, req: Request) -> Response:
         self._tenant(req)
-        return json_response(200, {"keys": []})
+        callers = self.directory.callers
+        return json_response(200, callers.jwks() if callers is not None else {"keys": []})
 
     def instance_discovery(self, req: Request) -> Response:
         """MSAL instance discovery; the tenant comes from the ``authorization_endpoint`` parameter."""
@@ -409,6 +418,14 @@ class EntraService:
         if len(wanted) != 1 or not wanted[0].endswith("/.default"):
             return self.error(req, 400, "invalid_scope", 1002012, scope=scope)
         resource = wanted[0][: -len("/.default")]
+        callers = self.directory.callers
+        if callers is not None and callers.is_api(resource):
+            claims = callers.claims(client_id, tenant, self.base)
+            token = callers.sign(claims)
+            lifetime = int(claims["exp"] - claims["iat"])
+            self.directory.record(token, client_id, str(claims["aud"]), lifetime)
+            return json_response(200, {"token_type": "Bearer", "expires_in": lifetime,
+                                       "ext_expires_in": lifetime, "access_token": token})
         audience = self.audience_for(resource)
         if audience is None:
             return self.error(req, 400, "invalid_resource", 500011, resource=resource, tenant=tenant)

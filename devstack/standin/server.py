@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from .base import TlsServer
+from .callers import API_ROLES, CallerDirectory
 from .dataverse import DataverseService, Org
 from .entra import Directory, EntraService, vault_resource
 from .keyvault import Vault, VaultService
@@ -46,6 +47,9 @@ class StandIn:
         self.directory = Directory(self.state, token_lifetime)
         self.directory.add_app(ids.dynamics_client_id, ids.dynamics_secret)
         self.directory.add_app(ids.kv_client_id, ids.kv_secret)
+        self.directory.callers = CallerDirectory(self.state, seed, token_lifetime)
+        # A caller with every app role, for the local run (INTAKE_CALLER_AUTH=entra).
+        self.local_caller = self.add_caller(API_ROLES)
         self.vault = Vault(self.state)
         self.vault.readers.add(ids.kv_client_id)
         self.vault.set(DYNAMICS_SECRET_NAME, ids.dynamics_secret)
@@ -192,7 +196,8 @@ class StandIn:
             "dynamics_secret": self.dynamics_secret, "kv_client_id": self.kv_client_id,
             "kv_secret": self.kv_secret, "systemuserid": self.systemuserid,
             "seed_contact_id": self.seed_contact_id, "seed_account_id": self.seed_account_id,
-            "settings_env": self.settings_env(),
+            "settings_env": self.settings_env(), "caller_env": self.caller_env(),
+            "api_client_id": self.api_client_id, "local_caller": self.local_caller,
         }
 
     # ---- observations -------------------------------------------------------------------------------
@@ -343,6 +348,54 @@ class StandIn:
     def identity_env(self) -> dict[str, str]:
         """What Functions sets for its managed identity endpoint."""
         return {"IDENTITY_ENDPOINT": f"{self.entra_url}/msi/token", "IDENTITY_HEADER": self.directory.identity_header}
+
+    # ---- callers of the intake API (INTAKE_CALLER_AUTH=entra) -------------------------------------------
+    @property
+    def api_client_id(self) -> str:
+        return self.directory.callers.api_client_id
+
+    def caller_env(self) -> dict[str, str]:
+        """The settings of the app's entra caller mode against this stand-in."""
+        return {"INTAKE_CALLER_AUTH": "entra", "INTAKE_API_CLIENT_ID": self.api_client_id,
+                "INTAKE_API_TENANT_ID": self.tenant_id}
+
+    def add_caller(self, roles: list[str] | tuple[str, ...] = API_ROLES,
+                   client_id: str | None = None) -> dict[str, str]:
+        """A caller app registration (client credentials) with these app roles of the intake API assigned."""
+        cid = self.directory.callers.add_caller(list(roles), client_id)
+        secret = self.directory.callers.new_secret() if not self.directory.has_app(cid) else ""
+        if secret:
+            self.directory.add_app(cid, secret)
+        return {"client_id": cid, "secret": secret}
+
+    def set_caller_roles(self, client_id: str, roles: list[str]) -> None:
+        self.directory.callers.roles[client_id] = list(roles)
+
+    def set_api_token_version(self, version: int) -> None:
+        """The API registration's requestedAccessTokenVersion (1 or 2): the token shape every caller gets."""
+        if int(version) not in (1, 2):
+            raise ValueError("version must be 1 or 2")
+        self.directory.callers.token_version = int(version)
+
+    def rotate_signing_key(self, sign_with_new: bool = True, publish: bool = True) -> str:
+        """Add a signing key (published), sign new tokens with it; returns its kid."""
+        return self.directory.callers.rotate(sign_with_new, publish)
+
+    def retire_signing_key(self, kid: str) -> None:
+        self.directory.callers.retire(kid)
+
+    def mint_caller_token(self, client_id: str | None = None, *, drop: tuple[str, ...] = (),
+                          version: int | None = None, sign: dict[str, Any] | None = None, **claims: Any) -> str:
+        """A caller token as the token endpoint would issue it, with claims changed or dropped (tests of each
+        check); recorded as issued, so the leak check covers it."""
+        callers = self.directory.callers
+        cid = client_id or self.local_caller["client_id"]
+        body = {**callers.claims(cid, self.tenant_id, self.entra_url, version), **claims}
+        for name in drop:
+            body.pop(name, None)
+        token = callers.sign(body, **(sign or {}))
+        self.directory.record(token, cid, str(body.get("aud")), 3599)
+        return token
 
     # ---- Key Vault controls -------------------------------------------------------------------------
     def set_secret(self, name: str, value: str, exp: float | None = None) -> str:

@@ -31,6 +31,12 @@ param intakeBatchWindowMs string
 @description('Queue messages one instance takes at a time per queue function (batchSize; newBatchThreshold is half of it).')
 param queueBatchSize int = 8
 param azureAuthorityHost string
+param intakeCallerAuth string
+param intakeApiClientId string
+param intakeApiTenantId string
+@description('App Service authentication (authsettingsV2) in front of the app as a second wall (entra only).')
+param appServiceAuthentication bool = false
+param allowedCallerApplications array = []
 
 @allowed([
   '3.11'
@@ -200,7 +206,61 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
           name: 'AZURE_AUTHORITY_HOST'
           value: azureAuthorityHost
         }
+        // Read at import: the host indexes /api/cases, /api/leads and /api/diagnostics anonymous under entra.
+        {
+          name: 'INTAKE_CALLER_AUTH'
+          value: intakeCallerAuth
+        }
+        {
+          name: 'INTAKE_API_CLIENT_ID'
+          value: intakeApiClientId
+        }
+        {
+          name: 'INTAKE_API_TENANT_ID'
+          value: intakeApiTenantId
+        }
       ]
+    }
+  }
+}
+
+// Optional second wall (entra): the platform refuses requests without a token for the API before the app
+// runs. It checks issuer, audience and the calling application, not app roles: the app checks every token
+// and its role either way, and never reads the X-MS-CLIENT-PRINCIPAL headers this injects.
+var authority = endsWith(azureAuthorityHost, '/') ? take(azureAuthorityHost, length(azureAuthorityHost) - 1) : azureAuthorityHost
+
+resource auth 'Microsoft.Web/sites/config@2024-04-01' = if (appServiceAuthentication) {
+  parent: site
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'Return401'
+      excludedPaths: [
+        '/api/health'
+        '/api/openapi.json'
+      ]
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          openIdIssuer: '${authority}/${intakeApiTenantId}/v2.0'
+          clientId: intakeApiClientId
+        }
+        validation: {
+          allowedAudiences: [
+            intakeApiClientId
+            'api://${intakeApiClientId}'
+          ]
+          defaultAuthorizationPolicy: {
+            allowedApplications: allowedCallerApplications
+          }
+        }
+      }
     }
   }
 }
