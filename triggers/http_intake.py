@@ -37,7 +37,8 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
     entity = "incident" if parse is parse_case else "lead"
     with telemetry.get().invocation("http", entity, context) as inv:
         try:
-            event = parse(parse_json(req.get_body()))
+            data = parse_json(req.get_body())
+            event = parse_case(data, runtime.default_account()) if parse is parse_case else parse(data)
             key = idempotency_key(req.headers.get("Idempotency-Key"))
             # Header keys live in their own namespace (per source): they never meet an externalId.
             outcome = runtime.intake().submit(event, key=key, key_source=HEADER_KEY_SOURCE + (event.source or ""),
