@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import IntakeError
+from shared.validation import is_key
 
 SCHEMA_ID = "azureMonitorCommonAlertSchema"
 SOURCE = "azure-monitor"
@@ -35,6 +36,15 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def alert_key(alert_id: str) -> str | None:
+    """The case's externalId: the alertId itself; one that breaks the key rule (Microsoft's own sample holds
+    "<subscription ID>") falls back to its last segment, the alert instance's GUID. None: neither is a key."""
+    if is_key(alert_id):
+        return alert_id
+    last = alert_id.rstrip("/").rsplit("/", 1)[-1]
+    return f"alert:{last}" if is_key(f"alert:{last}") else None
+
+
 def parse(data: dict, account_id: str | None) -> Alert:
     """The case (and resolution) an alert stands for; 400 naming the schema of anything else."""
     schema = data.get("schemaId")
@@ -47,8 +57,10 @@ def parse(data: dict, account_id: str | None) -> Alert:
     alert_id, rule = _text(essentials.get("alertId")), _text(essentials.get("alertRule"))
     condition = essentials.get("monitorCondition")
     problems = []
-    if not alert_id:
-        problems.append({"field": "data.essentials.alertId", "problem": "required"})
+    key = alert_key(alert_id)
+    if key is None:
+        problems.append({"field": "data.essentials.alertId", "problem": "required: the alert instance's id" if not
+                         alert_id else "must end in the alert's id (printable ASCII without spaces)"})
     if not rule:
         problems.append({"field": "data.essentials.alertRule", "problem": "required"})
     if condition not in CONDITIONS:
@@ -72,7 +84,7 @@ def parse(data: dict, account_id: str | None) -> Alert:
     if len(description) > 2000:
         description = description[:1997] + "..."
     case = {"title": f"[{severity}] {rule}"[:200], "description": description,
-            "priority": PRIORITY.get(severity.lower(), "normal"), "externalId": alert_id, "source": SOURCE,
+            "priority": PRIORITY.get(severity.lower(), "normal"), "externalId": key, "source": SOURCE,
             "customer": {"accountId": account_id}}
     resolved_at = _text(essentials.get("resolvedDateTime")) or "an unknown time"
     resolution = {"subject": f"Alert resolved: {rule}"[:200],
