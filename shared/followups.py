@@ -110,16 +110,19 @@ def _note(client: DataverseClient, fu: FollowUp, rid: str, deadline: Deadline) -
         row["notetext"] = fu.text
     if att is not None:
         row.update(filename=att.file_name, mimetype=att.mime_type, documentbody=att.content_base64, isdocument=True)
-    try:
-        created = client.create("annotations", row, record_id=nid, keyed=True, budget=deadline)
-    except IntakeError as err:
-        code = (err.upstream_code or "").lower()
-        if code in _ATTACHMENT:
-            raise IntakeError(_ATTACHMENT[code], err.detail, request_id=err.request_id, upstream_code=code,
-                              record_id=rid) from None
-        if code == _MISSING:
-            _state(client, entity_set, rid, deadline)  # record_not_found when the record is missing
-        raise
+    for attempt in range(2):
+        try:
+            created = client.create("annotations", row, record_id=nid, keyed=True, budget=deadline)
+            break
+        except IntakeError as err:
+            code = (err.upstream_code or "").lower()
+            if code in _ATTACHMENT:
+                raise IntakeError(_ATTACHMENT[code], err.detail, request_id=err.request_id, upstream_code=code,
+                                  record_id=rid) from None
+            if code != _MISSING or attempt:
+                raise
+            _state(client, entity_set, rid, deadline)  # record_not_found when the record is still missing
+            # It exists now: its create ran between the two requests. Once more, by the same id.
     if not created.created:
         have = client.read("annotations", nid, ("subject", "notetext", "filename", "mimetype", "filesize",
                                                 "_objectid_value"), budget=deadline)

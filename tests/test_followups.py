@@ -168,3 +168,13 @@ def test_default_customer_account_files_a_case_without_customer(stack, monkeypat
     status, got, _ = stack.call(http_intake.create_case, body={"title": "Anonymous caller"})
     assert status == 201, got
     assert case_row(stack, got["id"])["_customerid_value"] == stack.si.seed_account_id
+
+
+def test_a_note_whose_record_appeared_after_the_bind_was_refused_is_created(stack):
+    """The race the soak found: the note's bind is refused (0x80040217), the create lands, the read finds it."""
+    rid = make_case(stack)
+    stack.si.fail_next("dataverse", 1, 404, code="0x80040217", message=f"incident With Id = {rid} Does Not Exist",
+                       path_contains="annotations(")
+    status, got, _ = stack.call(F.case_note, route="api/cases/notes", body=note())
+    assert (status, got["recordId"]) == (201, rid), got
+    assert len(stack.si.records("annotations")) == 1
