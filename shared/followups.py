@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from shared.dataverse import DataverseClient
 from shared.deadline import Deadline
 from shared.errors import IntakeError
-from shared.intake import ENTITY_SETS, NAMESPACE, _same, record_id
+from shared.intake import ENTITY_SETS, NAMESPACE, record_id, same
 from shared.validation import FollowUp
 
 STATES = {0: "active", 1: "resolved", 2: "cancelled"}
@@ -129,7 +129,7 @@ def _note(client: DataverseClient, fu: FollowUp, rid: str, deadline: Deadline) -
         wanted = {"subject": row["subject"], "notetext": fu.text, "filename": att.file_name if att else None,
                   "mimetype": (att.mime_type.lower() if att else None), "filesize": att.size if att else 0}
         got = {**have, "mimetype": (have.get("mimetype") or "").lower() or None, "filesize": have.get("filesize") or 0}
-        differ = [k for k in wanted if not _same(wanted[k], got.get(k))]
+        differ = [k for k in wanted if not same(wanted[k], got.get(k))]
         if differ or str(have.get("_objectid_value") or rid).lower() != rid:
             raise IntakeError("idempotency_conflict", f"The noteId {fu.note_id} already made annotations({nid}), "
                               f"whose {', '.join(differ) or 'record'} differ from this note's.", record_id=nid)

@@ -134,6 +134,14 @@ def test_a_failure_a_retry_can_fix_is_a_503_with_retry_after_within_8_seconds(st
     assert "Retry-After" in resp.headers
 
 
+def test_an_alert_account_that_does_not_exist_is_a_503_not_a_502(stack, monkeypatch):
+    monkeypatch.setenv("INTAKE_ALERT_ACCOUNT_ID", "00000000-0000-4000-8000-000000000001")
+    runtime.reset(read_timeout=1.0, backoff=0.05)
+    status, got, resp = post(stack, fired())
+    assert assert_error(status, got, 503, "dynamics_payload_rejected")["upstreamCode"] == "0x80040217"
+    assert "Retry-After" in resp.headers
+
+
 def test_without_an_account_for_alerts_it_is_a_503_naming_the_setting(stack):
     status, got, resp = post(stack, SAMPLE)
     assert "INTAKE_ALERT_ACCOUNT_ID" in assert_error(status, got, 503, "config_invalid")["message"]

@@ -28,8 +28,9 @@ _JSON = "application/json"
 
 
 def retryable(err: IntakeError) -> IntakeError:
-    """The error as the action group should see it: retried (503) unless the alert itself is at fault."""
-    if err.in_event or err.status == 503:
+    """The error as the action group should see it: never a 5xx other than 503 (500, 502 and 504 are not retried:
+    a missing privilege, a wrong setting or an alert account that does not exist are fixed, then retried)."""
+    if err.status < 500 or err.status == 503:
         return err
     twin = err.copy()
     twin.spec = dataclasses.replace(err.spec, status=503)
