@@ -8,7 +8,9 @@ Each instance runs the template's topology (bench/topology.py, the template's ow
 the deployed one, 52 / 40 = one Dataverse request and eight queue messages in flight per instance.
 
 Reports drain time against the minimum the request budget allows, the share of Dataverse requests
-answered 429, deliveries per message, and poisoned, duplicated and lost messages.
+answered 429, deliveries per message, and poisoned, duplicated and lost messages. With `followups`, a
+note for that many keyed events goes to the `followups` queue before the burst (so each overtakes its
+create and is deferred until it exists): notes created, duplicated and lost are reported too.
 """
 
 from __future__ import annotations
@@ -81,14 +83,17 @@ def minimum_drain(messages: int, regime: Regime, batch_size: int = 1) -> float:
 
 
 def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regime: Regime | None,
-        batch_size: int | None = None, timeout: float = 300.0, topology: Topology | None = None) -> dict[str, Any]:
+        batch_size: int | None = None, timeout: float = 300.0, topology: Topology | None = None,
+        followups: int = 0) -> dict[str, Any]:
     """One burst, drained by `instances` worker processes, each with `topology`; returns the figures."""
     from shared import settings
+    from shared.followups import note_id
+    from shared.intake import record_id
     from tools.queues import ensure, queue_client
 
     topology = topology or per_instance()
     si = standin
-    for q in ("cases", "cases-poison", "cases-rejected"):
+    for q in ("cases", "cases-poison", "cases-rejected", "followups", "followups-poison", "followups-rejected"):
         ensure(queue_client(azurite_conn, q)).clear_messages()
 
     si.set_latency("dataverse", LATENCY)
@@ -100,6 +105,14 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
     batch = batch_size or int(settings.default("INTAKE_BATCH_SIZE"))
     run_id = uuid.uuid4().hex[:6]
     queue = queue_client(azurite_conn, "cases")
+    notes = {}  # note id -> the keyed event it is on, sent before the burst: each overtakes its create
+    keyed = [i for i in range(messages) if i % 2][:followups]
+    follow_queue = queue_client(azurite_conn, "followups")
+    for i in keyed:
+        ref = {"externalId": f"ev-{run_id}-{i}", "source": "fleet"}
+        notes[note_id(record_id("incident", "fleet", ref["externalId"]), f"n-{i}")] = i
+        follow_queue.send_message(json.dumps({"op": "note", "entity": "case", "case": ref, "noteId": f"n-{i}",
+                                              "text": f"Wrap-up {i}"}))
     for i in range(messages):
         event: dict[str, Any] = {"title": f"fleet-{run_id}-{i}", "customer": {"contactId": si.seed_contact_id}}
         if i % 2:
@@ -114,14 +127,16 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
     workers = [subprocess.Popen([sys.executable, "-m", "bench.fleet_worker", "--seconds", str(timeout),
                                  "--queue-budget", str(regime.queue_budget if regime else 10.0), "--idle", "2",
                                  "--batch", str(topology.queue_batch),
-                                 "--threshold", str(topology.new_batch_threshold)],
+                                 "--threshold", str(topology.new_batch_threshold),
+                                 *(["--followups"] if followups else [])],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
                for log in logs]
     drained_at = None
     deadline = started + timeout
     while time.monotonic() < deadline:
         titles = {r["title"] for r in si.records("incidents") if r["title"].startswith(f"fleet-{run_id}-")}
-        if len(titles) >= messages:
+        noted = {r["annotationid"] for r in si.records("annotations")} & set(notes)
+        if len(titles) >= messages and len(noted) >= len(notes):
             drained_at = time.monotonic()
             break
         if all(w.poll() is not None for w in workers):
@@ -129,6 +144,7 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
         time.sleep(0.1)
     reports = []
     deferred_by: Counter = Counter()
+    follow_deferred: Counter = Counter()
     for w, log in zip(workers, logs, strict=True):
         out, _ = w.communicate(timeout=max(deadline - time.monotonic(), 30))
         log.seek(0)
@@ -136,7 +152,8 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
         log.close()
         lines = [x for x in out.splitlines() if x.startswith("{")]
         reports.append(json.loads(lines[-1]) if lines else {"error": err[-500:]})
-        deferred_by.update(re.findall(r"message deferred: .* code=(\w+)", err))
+        deferred_by.update(re.findall(r"message deferred: .*queue=cases .* code=(\w+)", err))
+        follow_deferred.update(re.findall(r"message deferred: .*queue=followups .* code=(\w+)", err))
     rows = [r for r in si.records("incidents") if r["title"].startswith(f"fleet-{run_id}-")]
     per_title = Counter(r["title"] for r in rows)
     poisoned = queue_client(azurite_conn, "cases-poison").get_queue_properties().approximate_message_count
@@ -147,6 +164,16 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
     minimum = minimum_drain(messages, regime, batch) if regime else 0.0
     drain = (drained_at - started) if drained_at else None
     si.state.protection = None
+    note_rows = Counter(r["annotationid"] for r in si.records("annotations") if r["annotationid"] in notes)
+    follow = {
+        "followups": len(notes), "notes_created": len(note_rows),
+        "notes_duplicated": sum(n - 1 for n in note_rows.values()), "notes_lost": len(notes) - len(note_rows),
+        "followups_poisoned": queue_client(azurite_conn, "followups-poison").get_queue_properties()
+        .approximate_message_count,
+        "followups_rejected": sum(r.get("followups_rejected", 0) for r in reports),
+        "followups_host_retries": sum(r.get("followups_host_retries", 0) for r in reports),
+        "followups_deferred_by_code": dict(follow_deferred),
+    } if followups else {}
     return {
         "regime": regime.name if regime else "no limits", "batch_size": batch, "instances": instances,
         "dataverse_per_instance": topology.dataverse_concurrency, "queue_batch": topology.queue_batch,
@@ -165,7 +192,7 @@ def run(standin: Any, azurite_conn: str, *, instances: int, messages: int, regim
         "created": len(per_title), "duplicated": sum(n - 1 for n in per_title.values()),
         "lost": messages - len(per_title), "poisoned": poisoned, "left_in_queue": left,
         "affinity_cookies_sent": si.state.affinity_cookies, "deferred_by_code": dict(deferred_by),
-        "workers": reports,
+        **follow, "workers": reports,
     }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import azure.functions as func
 
 from devstack.invocation import Context
-from triggers import http_intake, ops
+from triggers import alerts_http, followups_http, http_intake, ops
 
 FUNCTION_KEY = "test-function-key"
 ADMIN_KEY = "test-admin-key"
@@ -27,6 +27,10 @@ ROUTES: dict[tuple[str, str], Any] = {
     ("POST", "/api/cases"): http_intake.create_case, ("POST", "/api/leads"): http_intake.create_lead,
     ("GET", "/api/health"): ops.health, ("GET", "/api/openapi.json"): ops.openapi,
     ("GET", "/api/diagnostics"): ops.diagnostics,
+    ("POST", "/api/cases/notes"): followups_http.case_note, ("POST", "/api/leads/notes"): followups_http.lead_note,
+    ("POST", "/api/cases/resolve"): followups_http.resolve_case,
+    ("POST", "/api/cases/cancel"): followups_http.cancel_case,
+    ("POST", "/api/cases/update"): followups_http.update_case, ("POST", "/api/alerts"): alerts_http.alert,
 }
 
 

@@ -7,9 +7,10 @@ Without a local.settings.json it writes one that points at the stand-in, so the 
 Azure tenant. With a local.settings.json whose DYNAMICS_URL is a real environment, it starts only
 Azurite and the Functions host. `func` is the one on PATH, else the project-local one from npm
 (package.json lists it as optional: its installer downloads the host from a CDN, which some networks
-refuse). Where neither can be had, --stack-only keeps Azurite and the stand-in running and serves the
-HTTP routes through devstack.httphost, so the README's curl and queue commands can be tried. Everything
-it started stops with it (Ctrl-C).
+refuse). Where neither can be had, --stack-only keeps Azurite and the stand-in running, serves the
+HTTP routes through devstack.httphost and drains the `cases`, `leads` and `followups` queues with the
+host's queue semantics (devstack/queuehost.py: batches, visibility, dequeue count, poison), so the
+README's curl and queue commands can be tried. Everything it started stops with it (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ SETTINGS = ROOT / "local.settings.json"
 AZURITE = ROOT / "node_modules" / ".bin" / "azurite"
 STANDIN_PORTS = {"entra": 7441, "vault": 7442, "dataverse": 7443}
 AZURITE_PORTS = {"blob": 10000, "queue": 10001, "table": 10002}
-QUEUES = ("cases", "leads", "cases-rejected", "leads-rejected", "cases-poison", "leads-poison")
+QUEUES = ("cases", "leads", "followups", "cases-rejected", "leads-rejected", "followups-rejected", "cases-poison",
+          "leads-poison", "followups-poison")
 LOCAL_FUNC = ROOT / "node_modules" / ".bin" / "func"
 
 FUNC_MISSING = """\
@@ -108,7 +111,10 @@ def standin_settings(info: dict[str, Any], storage: str = "UseDevelopmentStorage
     `callers` = "entra": callers need a token from the stand-in's Entra ID (INTAKE_CALLER_AUTH=entra)."""
     return {"IsEncrypted": False,
             "Values": {"FUNCTIONS_WORKER_RUNTIME": "python", "AzureWebJobsStorage": storage,
-                       **info["settings_env"], **(info["caller_env"] if callers == "entra" else {})}}
+                       **info["settings_env"], **(info["caller_env"] if callers == "entra" else {}),
+                       # The seeded account files the cases that name no customer (an anonymous caller) and alerts.
+                       "INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID": info["seed_account_id"],
+                       "INTAKE_ALERT_ACCOUNT_ID": info["seed_account_id"]}}
 
 
 def caller_token(state_dir: Path = STATE / "standin") -> str:
@@ -137,6 +143,10 @@ Try it, once the host says it is ready:
        -d '{{"title": "Caller reports outage", "customer": {{"email": "ada@example.com"}}, "externalId": "call-1"}}'
   .venv/bin/python -m tools.queues send cases \\
        '{{"title": "From the queue", "customer": {{"email": "ada@example.com"}}}}'
+  .venv/bin/python -m tools.queues send followups \\
+       '{{"op": "note", "entity": "case", "case": {{"externalId": "call-1"}}, "noteId": "n1", "text": "Wrap-up"}}'
+  .venv/bin/python -m tools.queues send followups \\
+       '{{"op": "resolve", "entity": "case", "case": {{"externalId": "call-1"}}, "resolution": {{"subject": "Done"}}}}'
   curl -s localhost:{port}/api/diagnostics{auth}
 """
 
@@ -188,19 +198,54 @@ def find_func(install: bool = True) -> tuple[str | None, str]:
     return None, f" (its installer could not download the host: {cause})" if cause else ""
 
 
-def serve_stack_only(port: int, seconds: float | None) -> int:
-    """Keep the stack up and serve the HTTP routes until Ctrl-C (or `seconds`, for tests)."""
+def drain_queues(conn_str: str, stopping: threading.Event) -> list[threading.Thread]:
+    """Threads that drain cases, leads and followups as the host would, until `stopping` is set."""
+    from devstack.queuehost import QueueHost
+    from triggers import followups_queue, queue_intake
+
+    functions = {"cases": queue_intake.cases_queue, "leads": queue_intake.leads_queue,
+                 "followups": followups_queue.followups_queue}
+
+    def loop(name: str, fn: object) -> None:
+        host = QueueHost(conn_str, name, fn.build().get_user_function())  # type: ignore[attr-defined]
+        seen = (0, 0, 0)
+        while not stopping.is_set():
+            try:
+                host.run(idle_seconds=0.5, max_seconds=5)
+            except Exception as exc:  # Azurite went away (Ctrl-C): say so once, try again while running
+                print(f"queue {name}: {type(exc).__name__}", flush=True)
+            now = (host.stats.succeeded, host.stats.rejected, host.stats.poisoned)
+            if now != seen:
+                print(f"queue {name}: {now[0]} done, {now[1]} rejected, {now[2]} poisoned", flush=True)
+                seen = now
+            stopping.wait(0.5)
+
+    threads = [threading.Thread(target=loop, args=item, name=f"drain-{item[0]}", daemon=True)
+               for item in functions.items()]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def serve_stack_only(port: int, seconds: float | None, conn_str: str | None = None) -> int:
+    """Keep the stack up, serve the HTTP routes and drain the queues until Ctrl-C (or `seconds`, for tests)."""
     from devstack.httphost import serve
 
+    stopping = threading.Event()
+    threads = drain_queues(conn_str, stopping) if conn_str else []
     with serve(port, keys=False) as url:
-        print(f"stack ready: HTTP routes at {url} (devstack.httphost, not the Functions host: queue messages wait "
-              "in Azurite until func runs); Ctrl-C stops everything", flush=True)
+        print(f"stack ready: HTTP routes at {url} (devstack.httphost, not the Functions host); the cases, leads and "
+              "followups queues drained with the host's semantics; Ctrl-C stops everything", flush=True)
         deadline = None if seconds is None else time.monotonic() + seconds
         try:
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(0.2)
         except KeyboardInterrupt:
             pass
+        finally:
+            stopping.set()
+            for t in threads:
+                t.join(timeout=10)
     return 0
 
 
@@ -264,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(values)  # as func does: the settings file wins over the shell's environment
             print(f"settings ({settings_path.name}): " + ", ".join(
                 f"{k}={v}" for k, v in values.items() if "SECRET" not in k and "AccountKey" not in v), flush=True)
-            return serve_stack_only(args.port, args.seconds)
+            return serve_stack_only(args.port, args.seconds, values.get("AzureWebJobsStorage"))
         host = subprocess.Popen([func, "start", "--port", str(args.port)], cwd=ROOT, env=func_env())
         procs.append(host)
         try:

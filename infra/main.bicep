@@ -105,6 +105,14 @@ param appServiceAuthentication bool = false
 
 @description('With appServiceAuthentication: the callers\' application (client) ids let through (the app still checks each one\'s app role); empty: any caller application of the tenant.')
 param allowedCallerApplications array = []
+@description('INTAKE_NOTE_MAX_BYTES: the largest note attachment the notes routes accept (bytes of base64 text); empty means the default (Dataverse\'s default maxuploadfilesize).')
+param intakeNoteMaxBytes string = ''
+
+@description('INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID: the account a case with no customer is filed under; empty: such a case is refused.')
+param intakeDefaultCustomerAccountId string = ''
+
+@description('INTAKE_ALERT_ACCOUNT_ID: the account the cases of /api/alerts (Azure Monitor) are filed under; empty: INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID.')
+param intakeAlertAccountId string = ''
 
 @description('E-mail address that receives the alerts (poison, failures by code, sustained throttling); empty: no action group.')
 param alertEmail string = ''
@@ -125,6 +133,7 @@ var queueBatchSize = min(32, max(8, perInstance))
 var deferralMaxHours = empty(intakeDeferralMaxHours) ? '24' : intakeDeferralMaxHours
 var batchSize = empty(intakeBatchSize) ? '10' : intakeBatchSize
 var batchWindowMs = empty(intakeBatchWindowMs) ? '20' : intakeBatchWindowMs
+var noteMaxBytes = empty(intakeNoteMaxBytes) ? '5242880' : intakeNoteMaxBytes
 // Key Vault is read in the secret and certificate modes only; the managed-identity modes need no vault role.
 var usesVault = (auth == 'secret') || (auth == 'certificate')
 var clientSecretName = empty(dynamicsClientSecretName) ? 'dynamics-client-secret' : dynamicsClientSecretName
@@ -134,7 +143,7 @@ var authorityHost = empty(azureAuthorityHost) ? environment().authentication.log
 var callerAuth = empty(intakeCallerAuth) ? 'function_key' : intakeCallerAuth
 var apiTenantId = empty(intakeApiTenantId) ? tenant().tenantId : intakeApiTenantId
 
-// The queues the app reads (cases, leads), writes (-rejected) and the host moves failures to (-poison).
+// The queues the app reads (cases, leads, followups), writes (-rejected) and the host moves failures to (-poison).
 var queueNames = [
   'cases'
   'leads'
@@ -142,6 +151,9 @@ var queueNames = [
   'leads-rejected'
   'cases-poison'
   'leads-poison'
+  'followups'
+  'followups-rejected'
+  'followups-poison'
 ]
 
 var tags = {
@@ -237,6 +249,9 @@ module functionApp 'modules/functionapp.bicep' = {
     intakeDeferralMaxHours: deferralMaxHours
     intakeBatchSize: batchSize
     intakeBatchWindowMs: batchWindowMs
+    intakeNoteMaxBytes: noteMaxBytes
+    intakeDefaultCustomerAccountId: intakeDefaultCustomerAccountId
+    intakeAlertAccountId: intakeAlertAccountId
     queueBatchSize: queueBatchSize
     azureAuthorityHost: authorityHost
     intakeCallerAuth: callerAuth

@@ -31,6 +31,13 @@ ROUTES: dict[str, RouteAuth] = {
     "cases": RouteAuth("Cases.Create", func.AuthLevel.FUNCTION),
     "leads": RouteAuth("Leads.Create", func.AuthLevel.FUNCTION),
     "diagnostics": RouteAuth("Intake.Admin", func.AuthLevel.ADMIN),
+    # Follow-ups need the entity's create role; alerts a role of their own, for Azure Monitor's secure webhook.
+    "cases/notes": RouteAuth("Cases.Create", func.AuthLevel.FUNCTION),
+    "leads/notes": RouteAuth("Leads.Create", func.AuthLevel.FUNCTION),
+    "cases/resolve": RouteAuth("Cases.Create", func.AuthLevel.FUNCTION),
+    "cases/cancel": RouteAuth("Cases.Create", func.AuthLevel.FUNCTION),
+    "cases/update": RouteAuth("Cases.Create", func.AuthLevel.FUNCTION),
+    "alerts": RouteAuth("Alerts.Send", func.AuthLevel.FUNCTION),
 }
 
 MODE = settings_mod.caller_mode()  # read at import (see above); tests of the entra mode set it

@@ -21,11 +21,12 @@ from shared.errors import IntakeError
 from shared.settings import Settings
 from shared.throttle import REQUEST_BUDGET_CODE, Gate
 from shared.tokens import TokenSource
-from shared.transport import Call, Transport, error_in, parse_retry_after
+from shared.transport import Call, Reply, Transport, error_in, parse_retry_after
 
 log = logging.getLogger(__name__)
 
 _CREATE_ONLY = {"If-None-Match": "*"}
+_UPDATE_ONLY = {"If-Match": "*"}  # a PATCH that never creates: 404 when the row is missing
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,17 @@ class DataverseClient:
                               "is not a list of rows.", request_id=reply.request_id,
                               fix_args=self._settings.fix_args())
         return str(rows[0][key_column]).lower() if rows else None
+
+    def update(self, entity_set: str, record_id: str, columns: dict, budget: float | Deadline = 20.0) -> Reply:
+        """Update-only PATCH (If-Match: *): the same columns again change nothing, and a missing row stays missing."""
+        data = json.dumps(columns, separators=(",", ":")).encode()
+        return self.transport.request("PATCH", f"{entity_set}({record_id})", deadline=Deadline.of(budget), data=data,
+                                      headers=_UPDATE_ONLY, expect="none")
+
+    def action(self, name: str, parameters: dict, budget: float | Deadline = 20.0) -> Reply:
+        """An unbound action (CloseIncident) that returns no value; safe to repeat only if its effect is keyed."""
+        data = json.dumps(parameters, separators=(",", ":")).encode()
+        return self.transport.request("POST", name, deadline=Deadline.of(budget), data=data, expect="none")
 
     def get(self, path: str, budget: float | Deadline = 10.0) -> dict:
         return self.transport.request("GET", path, deadline=Deadline.of(budget)).data

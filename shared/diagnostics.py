@@ -37,7 +37,10 @@ from shared.vault import SecretSource, VaultSecret
 
 # What the intake path does: create and read cases, leads and contacts, and bind a customer to a case.
 PRIVILEGES = ("prvCreateIncident", "prvReadIncident", "prvAppendIncident", "prvCreateLead", "prvReadLead",
-              "prvCreateContact", "prvReadContact", "prvAppendToContact", "prvAppendToAccount", "prvReadAccount")
+              "prvCreateContact", "prvReadContact", "prvAppendToContact", "prvAppendToAccount", "prvReadAccount",
+              # follow-ups (issue 22): notes, resolve, cancel, update
+              "prvWriteIncident", "prvAppendToIncident", "prvAppendToLead", "prvCreateNote", "prvReadNote",
+              "prvAppendNote", "prvCreateActivity")
 EXPIRY_WARNING_DAYS = 30
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 STEPS = ("settings", "keyvault", "token", "whoami", "privileges")  # without "keyvault" where no vault is used

@@ -60,6 +60,31 @@ CODES: dict[str, Code] = {
         503, "Entra ID's signing keys could not be fetched while the token's key was unknown to this instance.",
         "Nothing to change: send it again after Retry-After. Check the app's outbound network to "
         "AZURE_AUTHORITY_HOST if it persists."),
+    # Follow-ups (notes, resolve, cancel, update) on a record an event made.
+    "record_not_found": Code(
+        404, "No record has the id the follow-up names, or the externalId (and source) of the event that created "
+             "it: the create has not happened (yet), or the record was deleted.",
+        "Name the record as its create did: the same externalId and source (an omitted source is the same default), "
+        "or its id. On the followups queue this waits for the create (deferred up to INTAKE_DEFERRAL_MAX_HOURS)."),
+    "record_state_conflict": Code(
+        409, "The case's state refuses the follow-up: it is resolved or cancelled (read-only in Dynamics), or "
+             "Dataverse refused the resolve/cancel for a rule named in message (open child cases, open activities, "
+             "status transition rules).",
+        "Nothing to send again as it is: reopen the case in Dynamics, or close what the rule names, first.", True),
+    "attachment_too_large": Code(
+        413, "The note's attachment is larger than INTAKE_NOTE_MAX_BYTES (measured on its base64 text).",
+        "Send a smaller file, or a link to it in the note's text; raise INTAKE_NOTE_MAX_BYTES only together with "
+        "the organization's maxuploadfilesize.", True),
+    "dynamics_attachment_too_large": Code(
+        413, "Dataverse refused the note's attachment as larger than the organization's maxuploadfilesize "
+             "(0x80044a02).",
+        "Send a smaller file; or raise maxuploadfilesize (Power Platform admin center > Settings > Email > "
+        "Attachments) or lower INTAKE_NOTE_MAX_BYTES to it, so that the app refuses such files itself.", True),
+    "dynamics_attachment_blocked": Code(
+        415, "Dataverse refused the note's attachment: its file type is in the organization's blocked "
+             "attachments (0x80043e09).",
+        "Send the file in another format (zip it), or remove the extension from the blocked file extensions "
+        "(Power Platform admin center > Settings > Privacy + Security).", True),
     # Configuration of this app.
     "config_invalid": Code(503, "An app setting is missing or malformed.",
                            "Set the named app setting (Function App > Settings > Environment variables).",

@@ -54,6 +54,16 @@ def settings() -> settings_mod.Settings:
     return intake().client.settings
 
 
+def default_account() -> str | None:
+    """INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID, or None (also while a setting is wrong: intake then says which)."""
+    from shared.errors import IntakeError
+
+    try:
+        return settings().default_account_id
+    except IntakeError:
+        return None
+
+
 def reset(**client_options: Any) -> None:
     """Forget the instance's objects (tests, benchmarks); options go to the next DataverseClient."""
     global _intake

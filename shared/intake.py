@@ -86,7 +86,7 @@ class ContactCache:
             self._data.pop(key, None)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same(a: Any, b: Any) -> bool:
     """Equal as an agent would see it: case and runs of whitespace do not make two events different."""
     if isinstance(a, str) and isinstance(b, str):
         return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
@@ -159,7 +159,7 @@ class Intake:
             wanted["_customerid_value"] = bound
         names = tuple(c for c in IDENTITY_COLUMNS[event.entity] if wanted.get(c) is not None)
         row = self.client.read(entity_set, rid, names, budget=deadline)
-        differ = [c for c in names if not _same(wanted[c], row.get(c))]
+        differ = [c for c in names if not same(wanted[c], row.get(c))]
         if differ:
             raise IntakeError("idempotency_conflict",
                               f"The key of this event already created {entity_set}({rid}), whose "

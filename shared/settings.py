@@ -55,6 +55,12 @@ SETTINGS: tuple[Setting, ...] = (
             "as one $batch request (1: every create alone)"),
     Setting("INTAKE_BATCH_WINDOW_MS", False, "20", "how long the first of concurrent creates waits for others to "
             "join its $batch (a create with nothing else in flight never waits)"),
+    Setting("INTAKE_NOTE_MAX_BYTES", False, "5242880", "the largest note attachment the notes routes accept, in "
+            "bytes of its base64 text (Dataverse's default maxuploadfilesize; keep it at most the organization's)"),
+    Setting("INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID", False, None, "the account a case is filed under when its event "
+            "names no customer (an anonymous caller); unset: such an event is refused"),
+    Setting("INTAKE_ALERT_ACCOUNT_ID", False, None, "the account the cases of /api/alerts (Azure Monitor) are filed "
+            "under; unset: INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID"),
     Setting("AZURE_AUTHORITY_HOST", False, None, "Entra ID authority host; default Microsoft's public cloud"),
     Setting("INTAKE_CALLER_AUTH", False, "function_key", "how callers of the HTTP routes prove who they are: "
             "function_key (a function key) or entra (an Entra ID access token with an app role); read at import"),
@@ -88,6 +94,9 @@ class Settings:
     deferral_max_hours: float = 24.0
     batch_size: int = 10
     batch_window_ms: float = 20.0
+    note_max_bytes: int = 5_242_880
+    default_account_id: str | None = None
+    alert_account_id: str | None = None
 
     @property
     def api_base(self) -> str:
@@ -149,7 +158,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                          "registration trusts (a system-assigned identity cannot be a federated credential)"})
     url = _https_origin("DYNAMICS_URL", raw["DYNAMICS_URL"], problems) if raw["DYNAMICS_URL"] else ""
     vault = _https_origin("KEY_VAULT_URL", raw["KEY_VAULT_URL"], problems) if raw["KEY_VAULT_URL"] else ""
-    for name in ("DYNAMICS_TENANT_ID", "DYNAMICS_CLIENT_ID"):
+    for name in ("DYNAMICS_TENANT_ID", "DYNAMICS_CLIENT_ID", "INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID",
+                 "INTAKE_ALERT_ACCOUNT_ID"):
         if raw[name] and not _GUID.match(raw[name]):
             problems.append({"field": name, "problem": f"{name} must be a GUID"})
     if identity is not None and not _GUID.match(identity):
@@ -159,10 +169,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             problems.append({"field": name, "problem": f"{name} must be 1-127 letters, digits and dashes"})
     numbers: dict[str, float] = {}
     for name, low, high in (("INTAKE_DATAVERSE_CONCURRENCY", 1, 1000), ("INTAKE_DEFERRAL_MAX_HOURS", 0.01, 168),
-                            ("INTAKE_BATCH_SIZE", 1, 1000), ("INTAKE_BATCH_WINDOW_MS", 0, 1000)):
+                            ("INTAKE_BATCH_SIZE", 1, 1000), ("INTAKE_BATCH_WINDOW_MS", 0, 1000),
+                            ("INTAKE_NOTE_MAX_BYTES", 1, 131_072_000)):
         try:
             numbers[name] = float(raw[name] or "")
-            whole = name.endswith(("CONCURRENCY", "SIZE"))
+            whole = name.endswith(("CONCURRENCY", "SIZE", "BYTES"))
             if not low <= numbers[name] <= high or (whole and not numbers[name].is_integer()):
                 raise ValueError
         except ValueError:
@@ -182,7 +193,11 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                     identity_client_id=identity.lower() if identity else None,
                     dataverse_concurrency=int(numbers["INTAKE_DATAVERSE_CONCURRENCY"]),
                     deferral_max_hours=numbers["INTAKE_DEFERRAL_MAX_HOURS"],
-                    batch_size=int(numbers["INTAKE_BATCH_SIZE"]), batch_window_ms=numbers["INTAKE_BATCH_WINDOW_MS"])
+                    batch_size=int(numbers["INTAKE_BATCH_SIZE"]), batch_window_ms=numbers["INTAKE_BATCH_WINDOW_MS"],
+                    note_max_bytes=int(numbers["INTAKE_NOTE_MAX_BYTES"]),
+                    default_account_id=(raw["INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID"] or "").lower() or None,
+                    alert_account_id=(raw["INTAKE_ALERT_ACCOUNT_ID"] or raw["INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID"]
+                                      or "").lower() or None)
 
 
 @dataclass(frozen=True)

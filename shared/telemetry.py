@@ -158,9 +158,10 @@ class _On:
                 if inv.outcome == "failed":
                     span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, inv.code or ""))
                 ms = (time.perf_counter() - inv.started) * 1000
-                self._records.add(1, {f"{PREFIX}.entity": entity, f"{PREFIX}.trigger": trigger,
+                # inv.entity: a follow-up names its operation once parsed ("incident.resolve"): counts per operation
+                self._records.add(1, {f"{PREFIX}.entity": inv.entity, f"{PREFIX}.trigger": trigger,
                                       f"{PREFIX}.outcome": inv.outcome, f"{PREFIX}.code": inv.code or ""})
-                self._duration.record(ms, {f"{PREFIX}.entity": entity, f"{PREFIX}.trigger": trigger})
+                self._duration.record(ms, {f"{PREFIX}.entity": inv.entity, f"{PREFIX}.trigger": trigger})
 
     def throttled(self, code: str | None) -> None:
         self._throttled.add(1, {f"{PREFIX}.code": code or ""})

@@ -78,10 +78,10 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(body: bytes) -> dict:
+def parse_json(body: bytes, limit: int = MAX_BODY) -> dict:
     """The body as a JSON object, or the error that says why not."""
-    if len(body) > MAX_BODY:
-        raise IntakeError("payload_too_large", f"The body is {len(body)} bytes; the limit is {MAX_BODY}.")
+    if len(body) > limit:
+        raise IntakeError("payload_too_large", f"The body is {len(body)} bytes; the limit is {limit}.")
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting too deep
@@ -200,9 +200,11 @@ _LEAD_RESERVED = frozenset({"leadid", "lastname", "firstname", "emailaddress1", 
 _CUSTOMER_WAYS = ("contactId", "accountId", "email", "phone")
 
 
-def _customer(c: _Checker) -> Customer | None:
+def _customer(c: _Checker, default_account: str | None = None) -> Customer | None:
     raw = c.data.get("customer")
     if raw is None:
+        if default_account:  # INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID: an anonymous caller's case
+            return Customer(account_id=default_account)
         c.add("customer", "required")
         return None
     if not isinstance(raw, dict):
@@ -238,8 +240,10 @@ def _customer(c: _Checker) -> Customer | None:
                     first_name=first, last_name=last)
 
 
-def parse_case(data: dict) -> Event:
-    """Check a case event and map it to incident columns (all problems at once)."""
+def parse_case(data: dict, default_account: str | None = None) -> Event:
+    """Check a case event and map it to incident columns (all problems at once).
+
+    `default_account`: the account a case that names no customer is filed under (None: it is refused)."""
     c = _Checker(data)
     c.unknown(_CASE_FIELDS)
     columns: dict[str, Any] = {}
@@ -247,7 +251,7 @@ def parse_case(data: dict) -> Event:
     description = c.text("description", max_len=2000)
     priority = c.choice("priority", PRIORITY)
     origin = c.choice("origin", ORIGIN)
-    customer = _customer(c)
+    customer = _customer(c, default_account)
     ext, src = c.keys()
     attrs = c.attributes(_CASE_RESERVED)
     if c.problems:
@@ -286,6 +290,171 @@ def parse_lead(data: dict) -> Event:
         if value is not None:
             columns[column] = value
     return Event("lead", columns, ext, src)
+
+
+# ---- follow-ups: a note, resolve, cancel or update on the record an event made ---------------------------
+FOLLOWUP_OPS = ("note", "resolve", "cancel", "update")
+FOLLOWUP_ENTITIES = {"case": "incident", "lead": "lead"}
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}\Z")
+_MIME = re.compile(r"^[\w.+-]+/[\w.+-]+\Z")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """How a follow-up names its record: the create's externalId (and source), or the record's id."""
+
+    id: str | None = None
+    external_id: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Attachment:
+    file_name: str
+    mime_type: str
+    content_base64: str
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file (Dataverse's filesize), from the base64 text without decoding it."""
+        text = self.content_base64
+        return len(text) * 3 // 4 - text[-2:].count("=")
+
+
+@dataclass
+class FollowUp:
+    op: str  # note | resolve | cancel | update
+    entity: str  # incident | lead
+    ref: Ref
+    note_id: str | None = None
+    subject: str | None = None
+    text: str | None = None
+    attachment: Attachment | None = None
+    columns: dict[str, Any] = field(default_factory=dict)  # update: the changed columns
+
+
+def _ref(c: _Checker, name: str) -> Ref | None:
+    raw = c.data.get(name)
+    if not isinstance(raw, dict):
+        c.add(name, "required: an object {externalId, source} or {id}" if raw is None else "must be an object")
+        return None
+    for key in sorted(set(raw) - {"id", "externalId", "source"}):
+        c.add(f"{name}.{str(key)[:100]}", "is not a field of a record reference")
+    if raw.get("id") is not None:
+        if raw.get("externalId") is not None or raw.get("source") is not None:
+            c.add(name, "give either id or externalId (and source), not both")
+            return None
+        if not isinstance(raw["id"], str) or not _GUID.match(raw["id"].strip()):
+            c.add(f"{name}.id", "must be a GUID")
+            return None
+        return Ref(id=raw["id"].strip().lower())
+    sub = _Checker(raw)
+    ext, src = sub.keys()
+    for p in sub.problems:
+        c.add(f"{name}.{p['field']}", p["problem"])
+    if ext is None:
+        if not sub.problems:
+            c.add(name, "give id, or externalId (and source) as sent on the create")
+        return None
+    return Ref(external_id=ext, source=src)
+
+
+def _attachment(c: _Checker, max_bytes: int) -> Attachment | None:
+    raw = c.data.get("attachment")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        c.add("attachment", "must be an object {fileName, mimeType, contentBase64}")
+        return None
+    for key in sorted(set(raw) - {"fileName", "mimeType", "contentBase64"}):
+        c.add(f"attachment.{str(key)[:100]}", "is not a field of attachment")
+    name = c.text("fileName", max_len=255, required=True, obj=raw, prefix="attachment.")
+    if name is not None and any(ch in name for ch in '/\\:*?"<>|'):
+        c.add("attachment.fileName", "must be a file name without a path or any of / \\ : * ? \" < > |")
+    mime = c.text("mimeType", max_len=256, required=True, obj=raw, prefix="attachment.")
+    if mime is not None and not _MIME.match(mime):
+        c.add("attachment.mimeType", "must be a media type such as application/pdf")
+    content = raw.get("contentBase64")
+    if not isinstance(content, str) or not content:
+        c.add("attachment.contentBase64", "required: the file as base64 text")
+        return None
+    if len(content) > max_bytes:
+        raise IntakeError("attachment_too_large", f"The attachment is {len(content)} bytes of base64 text; the "
+                                                  f"limit is {max_bytes}.")
+    if len(content) % 4 or not _BASE64.match(content):
+        c.add("attachment.contentBase64", "must be base64 (A-Z a-z 0-9 + /, padded with =, no line breaks)")
+        return None
+    if name is None or mime is None or not _MIME.match(mime):
+        return None
+    return Attachment(name, mime, content)
+
+
+def parse_followup(data: dict, op: str, entity: str, note_max_bytes: int = 5_242_880) -> FollowUp:
+    """Check a follow-up of `op` on a record of `entity` ("incident" or "lead"); all problems at once.
+
+    An attachment over `note_max_bytes` (its base64 text) is refused first, with a code of its own."""
+    c = _Checker(data)
+    name = "case" if entity == "incident" else "lead"
+    fields = {"note": {name, "noteId", "subject", "text", "attachment"}, "resolve": {name, "resolution"},
+              "cancel": {name}, "update": {name, "changes"}}[op]
+    c.unknown(frozenset(fields | {"op", "entity"}))
+    ref = _ref(c, name)
+    out = FollowUp(op, entity, ref or Ref())
+    if op == "note":
+        note_id = c.text("noteId", max_len=200, required=True)
+        if note_id is not None and not _KEY.match(note_id):
+            c.add("noteId", "must be printable ASCII without spaces")
+        out.note_id = note_id
+        out.subject = c.text("subject", max_len=500)
+        out.text = c.text("text", max_len=100_000)
+        out.attachment = _attachment(c, note_max_bytes)
+        if out.text is None and out.attachment is None and "attachment" not in data and "text" not in data:
+            c.add("text", "required unless the note carries an attachment")
+    elif op == "resolve":
+        raw = data.get("resolution")
+        if not isinstance(raw, dict):
+            c.add("resolution", "required: an object {subject, description}" if raw is None else "must be an object")
+        else:
+            for key in sorted(set(raw) - {"subject", "description"}):
+                c.add(f"resolution.{str(key)[:100]}", "is not a field of resolution")
+            out.subject = c.text("subject", max_len=200, required=True, obj=raw, prefix="resolution.")
+            out.text = c.text("description", max_len=2000, obj=raw, prefix="resolution.")
+    elif op == "update":
+        raw = data.get("changes")
+        if not isinstance(raw, dict) or not raw:
+            c.add("changes", "required: an object with description and/or priority")
+        else:
+            for key in sorted(set(raw) - {"description", "priority"}):
+                problem = ("may not be changed: it decides whether a repeated create is the same event"
+                           if key == "title" else "is not a field of changes (description, priority)")
+                c.add(f"changes.{str(key)[:100]}", problem)
+            sub = _Checker(raw)
+            description = sub.text("description", max_len=2000)
+            priority = sub.choice("priority", PRIORITY)
+            for p in sub.problems:
+                c.add(f"changes.{p['field']}", p["problem"])
+            if "description" in raw:
+                out.columns["description"] = description
+            if priority is not None:
+                out.columns["prioritycode"] = priority
+    if c.problems:
+        raise IntakeError("invalid_request", _summary(c.problems), details=c.problems)
+    return out
+
+
+def parse_followup_message(data: dict, note_max_bytes: int = 5_242_880) -> FollowUp:
+    """A follow-up from the followups queue: the HTTP body plus "op" and "entity" (case | lead)."""
+    op, entity = data.get("op"), data.get("entity")
+    problems = []
+    if op not in FOLLOWUP_OPS:
+        problems.append({"field": "op", "problem": f"must be one of {', '.join(FOLLOWUP_OPS)}"})
+    if entity not in FOLLOWUP_ENTITIES:
+        problems.append({"field": "entity", "problem": "must be case or lead"})
+    elif op in ("resolve", "cancel", "update") and entity != "case":
+        problems.append({"field": "entity", "problem": f"{op} applies to cases only"})
+    if problems:
+        raise IntakeError("invalid_request", _summary(problems), details=problems)
+    return parse_followup(data, str(op), FOLLOWUP_ENTITIES[str(entity)], note_max_bytes)
 
 
 def is_key(value: object) -> bool:

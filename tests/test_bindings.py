@@ -24,9 +24,10 @@ def indexed() -> dict[str, dict]:
     return _INDEXED
 
 
-def test_seven_functions_are_indexed():
-    assert sorted(indexed()) == ["cases_queue", "create_case", "create_lead", "diagnostics", "health", "leads_queue",
-                                 "openapi"]
+def test_the_functions_are_indexed():
+    assert sorted(indexed()) == ["alert", "cancel_case", "case_note", "cases_queue", "create_case", "create_lead",
+                                 "diagnostics", "followups_queue", "health", "lead_note", "leads_queue", "openapi",
+                                 "resolve_case", "update_case"]
 
 
 def binding(functions: dict, name: str, type_: str) -> dict:
@@ -38,7 +39,11 @@ def test_http_routes_methods_and_auth_levels():
     functions = indexed()
     expected = {"create_case": ("cases", ["POST"], "FUNCTION"), "create_lead": ("leads", ["POST"], "FUNCTION"),
                 "diagnostics": ("diagnostics", ["GET"], "ADMIN"), "health": ("health", ["GET"], "ANONYMOUS"),
-                "openapi": ("openapi.json", ["GET"], "ANONYMOUS")}
+                "openapi": ("openapi.json", ["GET"], "ANONYMOUS"),
+                "case_note": ("cases/notes", ["POST"], "FUNCTION"), "lead_note": ("leads/notes", ["POST"], "FUNCTION"),
+                "resolve_case": ("cases/resolve", ["POST"], "FUNCTION"),
+                "cancel_case": ("cases/cancel", ["POST"], "FUNCTION"),
+                "update_case": ("cases/update", ["POST"], "FUNCTION"), "alert": ("alerts", ["POST"], "FUNCTION")}
     for name, (route, methods, level) in expected.items():
         trigger = binding(functions, name, "httpTrigger")
         assert trigger["route"] == route
@@ -48,7 +53,7 @@ def test_http_routes_methods_and_auth_levels():
 
 def test_queue_triggers_and_rejected_outputs():
     functions = indexed()
-    for name, queue in (("cases_queue", "cases"), ("leads_queue", "leads")):
+    for name, queue in (("cases_queue", "cases"), ("leads_queue", "leads"), ("followups_queue", "followups")):
         trigger = binding(functions, name, "queueTrigger")
         assert (trigger["queueName"], trigger["connection"], trigger["direction"].name) == (
             queue, "AzureWebJobsStorage", "IN")

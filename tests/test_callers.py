@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared import caller_tokens, callers, telemetry
+from shared import caller_tokens, callers, instance, telemetry
 from tests.test_http import a_case, assert_error
 from triggers import http_intake, ops
 
@@ -378,3 +378,34 @@ def test_auth_level_of_each_route_as_indexed(mode, keyed):
         assert levels[name] == (level if keyed else "ANONYMOUS"), (name, levels)
     assert levels["health"] == levels["openapi"] == "ANONYMOUS"
     assert found["jwt"] is False, "PyJWT is imported on the first checked request, never at import"
+
+
+def test_follow_ups_need_the_entity_s_create_role_and_alerts_their_own(entra, monkeypatch):
+    """Issue 22's routes under entra: a note, a resolve need the entity's create role; /api/alerts needs
+    Alerts.Send (Azure Monitor's secure webhook), and a create role does not open it."""
+    from tests.test_alerts import SAMPLE
+    from triggers import alerts_http, followups_http
+
+    si = entra.si
+    monkeypatch.setenv("INTAKE_ALERT_ACCOUNT_ID", si.seed_account_id)
+    instance.reset(read_timeout=1.0, backoff=0.05)
+    cases = token_for(si, si.add_caller(["Cases.Create"]))
+    leads = token_for(si, si.add_caller(["Leads.Create"]))
+    monitor = token_for(si, si.add_caller(["Alerts.Send"]))
+    status, body, _ = entra.call(CASE, body=a_case(si, externalId="fu-1"), headers=bearer(cases))
+    assert status == 201, body
+    note = {"case": {"externalId": "fu-1"}, "noteId": "n-1", "subject": "Wrap-up", "text": "Called back"}
+    status, body, _ = entra.call(followups_http.case_note, route="api/cases/notes", body=note)
+    assert_error(status, body, 401, "caller_token_missing")
+    status, body, _ = entra.call(followups_http.case_note, route="api/cases/notes", body=note, headers=bearer(leads))
+    assert "Cases.Create" in assert_error(status, body, 403, "caller_role_missing")["message"]
+    status, body, _ = entra.call(followups_http.case_note, route="api/cases/notes", body=note, headers=bearer(cases))
+    assert status == 201, body
+    resolve = {"case": {"externalId": "fu-1"}, "resolution": {"subject": "Done", "description": "Fixed"}}
+    status, body, _ = entra.call(followups_http.resolve_case, route="api/cases/resolve", body=resolve,
+                                 headers=bearer(cases))
+    assert status == 200, body
+    status, body, _ = entra.call(alerts_http.alert, route="api/alerts", body=SAMPLE, headers=bearer(cases))
+    assert "Alerts.Send" in assert_error(status, body, 403, "caller_role_missing")["message"]
+    status, body, _ = entra.call(alerts_http.alert, route="api/alerts", body=SAMPLE, headers=bearer(monitor))
+    assert status in (200, 201), body

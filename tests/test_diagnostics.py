@@ -112,6 +112,14 @@ def test_privilege_missing(stack):
     assert "prvCreateLead" not in step["detail"]
 
 
+def test_follow_up_privileges_are_checked(stack):
+    stack.si.revoke_privilege("prvCreateNote")
+    stack.si.revoke_privilege("prvWriteIncident")
+    _, body = run(stack)
+    step = failed_at(body, "privileges", "dynamics_privilege_missing")
+    assert "prvCreateNote" in step["detail"] and "prvWriteIncident" in step["detail"]
+
+
 def test_throttled(stack):
     stack.si.fail_next("dataverse", 1, 429, retry_after=60, path_contains="WhoAmI")
     _, body = run(stack)

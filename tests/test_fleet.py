@@ -6,7 +6,8 @@ from a shared Azurite queue with the host's queue semantics, against the stand-i
 scaled clock, in both regimes: Retry-After shorter than the per-call budget (throttled messages wait
 inside their call) and longer (they are deferred). Whatever the figures, no message may be poisoned,
 duplicated or lost, and none may spend a delivery on throttling; once the request budget bites, creates
-go to Dataverse in $batch requests.
+go to Dataverse in $batch requests. A quarter of the events get a note on the `followups` queue, sent
+before the burst: each overtakes its create, is deferred, and is added exactly once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def fleet_azurite():
 
 @pytest.mark.parametrize("regime", regimes("small"), ids=lambda r: r.name)
 def test_fleet_drains_a_burst_exactly_once_without_poison(standin, fleet_azurite, regime, capsys):
-    result = run(standin, fleet_azurite.connection_string, instances=8, messages=160, regime=regime, timeout=150)
+    result = run(standin, fleet_azurite.connection_string, instances=8, messages=160, regime=regime, timeout=150,
+                 followups=40)
     workers = result.pop("workers")
     with capsys.disabled():
         print(f"\nfleet {regime.name}: " + ", ".join(f"{k}={v}" for k, v in result.items()))
@@ -45,3 +47,6 @@ def test_fleet_drains_a_burst_exactly_once_without_poison(standin, fleet_azurite
     assert result["peak_concurrency"] <= 8 * per_instance().dataverse_concurrency  # the template's share each
     assert result["queue_batch"] >= 8
     assert result["records_per_request"] > 1.2  # the request budget bit: creates went in $batch requests
+    assert (result["notes_created"], result["notes_duplicated"], result["notes_lost"]) == (40, 0, 0)
+    assert (result["followups_poisoned"], result["followups_rejected"], result["followups_host_retries"]) == (0, 0, 0)
+    assert result["followups_deferred_by_code"].get("record_not_found", 0) > 0  # they did overtake their creates

@@ -11,12 +11,13 @@ import airspeed
 import jsonschema
 import pytest
 
+from shared import instance
 from tests.test_callers import entra  # noqa: F401 - the entra caller mode fixture
-from triggers import http_intake
+from triggers import followups_http, http_intake
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIONS = {name: json.loads((ROOT / "integrations" / "genesys" / f"{name}.json").read_text())
-           for name in ("create-case", "create-lead")}
+           for name in ("create-case", "create-lead", "add-note-to-case")}
 CONTRACT = json.loads((ROOT / "docs" / "contract.schema.json").read_text())
 CREDENTIALS = {"functionAppHost": "intake.example.net", "functionKey": "k3y"}
 
@@ -43,12 +44,13 @@ def run_action(stack, action: dict, inputs: dict) -> tuple[int, dict]:
         template_only = template_only.replace(Esc().jsonString(value), "")
     assert "$input" not in template_only and "$esc" not in template_only, body
     event = json.loads(body)  # unescaped quotes or newlines would fail here, as they fail the action
-    kind = "case" if url.endswith("/api/cases") else "lead"
+    path = url.split("intake.example.net", 1)[1]
+    kind = {"/api/cases": "case", "/api/leads": "lead", "/api/cases/notes": "caseNote"}[path]
     ref = {"$ref": f"#/$defs/{kind}", "$defs": CONTRACT["$defs"]}
     jsonschema.Draft202012Validator(ref).validate(event)
     assert headers["x-functions-key"] == CREDENTIALS["functionKey"]
-    fn = http_intake.create_case if kind == "case" else http_intake.create_lead
-    status, answer, _ = stack.call(fn, route=f"api/{kind}s", raw=body.encode(), headers=headers)
+    fn = {"case": http_intake.create_case, "lead": http_intake.create_lead, "caseNote": followups_http.case_note}[kind]
+    status, answer, _ = stack.call(fn, route=path.lstrip("/"), raw=body.encode(), headers=headers)
     if status not in (200, 201):
         return status, answer
     response = action["config"]["response"]
@@ -171,3 +173,27 @@ def test_oauth_custom_auth_gets_a_token_from_entra_and_the_action_sends_it(entra
     status, answer, _ = entra.call(fn, route=f"api/{name.split('-')[1]}s", raw=body.encode(),
                                    headers={"Content-Type": "application/json"})
     assert status == 401 and answer["error"]["code"] == "caller_token_missing"
+def test_case_action_with_only_its_required_inputs_files_the_case_under_the_default_account(stack, monkeypatch):
+    inputs = {"title": "Caller withheld the number", "conversationId": "conv-anon"}
+    status, out = run_action(stack, ACTIONS["create-case"], inputs)
+    assert status == 400 and out["error"]["details"] == [{"field": "customer", "problem": "required"}]
+    monkeypatch.setenv("INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID", stack.si.seed_account_id)
+    instance.reset(read_timeout=1.0, backoff=0.05)
+    status, out = run_action(stack, ACTIONS["create-case"], inputs)
+    assert status == 201, out
+    (row,) = stack.si.records("incidents")
+    assert (out["caseId"], row["_customerid_value"]) == (row["incidentid"], stack.si.seed_account_id)
+
+
+@pytest.mark.parametrize("text", ["Refund promised; callback Friday.", *HOSTILE])
+def test_add_note_action_adds_the_wrap_up_once(stack, text):
+    case_inputs = {"title": "Outage", "customerEmail": "ada@example.com", "conversationId": "conv-note"}
+    assert run_action(stack, ACTIONS["create-case"], case_inputs)[0] == 201
+    inputs = {"conversationId": "conv-note", "noteId": "conv-note-wrapup", "subject": "", "text": text}
+    status, out = run_action(stack, ACTIONS["add-note-to-case"], inputs)
+    assert status == 201, out
+    (row,) = stack.si.records("annotations")
+    assert (out["noteId"], out["caseId"], out["created"]) == (row["annotationid"], row["_objectid_value"], True)
+    assert row["notetext"] == text.strip() and row["subject"] == "Note"
+    assert run_action(stack, ACTIONS["add-note-to-case"], inputs)[:1] == (200,)
+    assert len(stack.si.records("annotations")) == 1

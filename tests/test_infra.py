@@ -69,7 +69,8 @@ PLATFORM_SETTINGS = {
 }
 
 # Queues the app reads (cases, leads), writes (-rejected) and the host poisons failures to (-poison).
-QUEUES = {"cases", "leads", "cases-rejected", "leads-rejected", "cases-poison", "leads-poison"}
+QUEUES = {"cases", "leads", "cases-rejected", "leads-rejected", "cases-poison", "leads-poison", "followups",
+          "followups-rejected", "followups-poison"}
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
 # Literals no app setting may hold: a storage key or SAS, a password, an Entra ID client secret

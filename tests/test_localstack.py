@@ -79,6 +79,26 @@ def test_stack_only_keeps_azurite_and_the_stand_in_and_serves_the_routes(tmp_pat
                                '{"title": "From the queue", "customer": {"email": "ada@example.com"}}'],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert sent.returncode == 0, sent.stderr
+        # The queues are drained with the host's semantics: a message becomes a case, then a resolution.
+        def queued(queue: str, body: dict) -> None:
+            out = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tools.queues", "send", queue,
+                                  json.dumps(body)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                                 check=False)
+            assert out.returncode == 0, out.stderr
+
+        def probe(want: int) -> int:  # an update that changes nothing: 404 until the case exists, 409 once resolved
+            status = 0
+            until = time.monotonic() + 30
+            while status != want and time.monotonic() < until:
+                status = requests.post(f"http://127.0.0.1:{port}/api/cases/update", timeout=20, json={
+                    "case": {"externalId": "queued-1"}, "changes": {"priority": "normal"}}).status_code
+                time.sleep(0.3)
+            return status
+
+        queued("followups", {"op": "resolve", "entity": "case", "case": {"externalId": "queued-1"},
+                             "resolution": {"subject": "Done"}})  # before its case: deferred, then applied
+        queued("cases", {"title": "Queued, no customer", "externalId": "queued-1"})  # the seeded default account
+        assert probe(409) == 409
         replay = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "tools.queues", "replay", "cases"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert (replay.returncode, replay.stdout.strip()) == (0, "moved 0 message(s)"), replay.stderr

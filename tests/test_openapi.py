@@ -45,7 +45,8 @@ def test_every_code_of_the_table_is_documented_under_its_status():
 
 def test_connector_operations_and_api_key():
     ops_ = {op["operationId"]: op for path in SWAGGER["paths"].values() for op in path.values()}
-    assert set(ops_) == {"CreateCase", "CreateLead"}
+    assert set(ops_) == {"CreateCase", "CreateLead", "AddCaseNote", "AddLeadNote", "ResolveCase", "CancelCase",
+                         "UpdateCase"}
     for op in ops_.values():
         assert op["summary"] and op["description"] and op["operationId"][0].isupper()
     assert SWAGGER["securityDefinitions"]["api_key"] == {"type": "apiKey", "in": "header", "name": "x-functions-key"}

@@ -67,7 +67,7 @@ def test_import_reads_no_setting(monkeypatch):
     import function_app
 
     importlib.reload(function_app)
-    assert len(function_app.app.get_functions()) == 7
+    assert len(function_app.app.get_functions()) == 14
 
 
 def test_caller_settings_are_named_and_the_authority_normalised():

@@ -210,3 +210,45 @@ def test_scrub_removes_queries_literals_and_emails_in_every_form():
     assert not [o for o in out if any(p in o.lower() for p in ("brien", "1234567", "4930123", "%40"))], out
     assert out[0].startswith("GET https://x.example/api/data/v9.2/contacts?[query removed] failed")
     assert out[2].endswith("(Caused by X)")  # the rest of the message stays readable
+
+
+FOLLOWUPS = r'''
+import json, logging, sys
+logging.getLogger().setLevel(logging.INFO)
+import azure.functions as func
+import function_app
+from shared import telemetry
+from devstack.invocation import Context
+from triggers import followups_http, http_intake
+
+def post(fn, body):
+    fn = fn.build().get_user_function()
+    return fn(func.HttpRequest("POST", "/api/x", body=json.dumps(body).encode()), Context()).status_code
+
+ref = {"externalId": "t-9", "source": "tel"}
+case = {"title": "Secret Title 7781", "customer": {"contactId": sys.argv[1]}, **ref}
+statuses = [post(http_intake.create_case, case)]
+note = {"case": ref, "noteId": "n-1", "text": "Confidential description 5521"}
+statuses += [post(followups_http.case_note, note), post(followups_http.case_note, note)]
+statuses += [post(followups_http.resolve_case, {"case": ref, "resolution": {"subject": "done"}})]
+statuses += [post(followups_http.update_case, {"case": ref, "changes": {"priority": "low"}})]
+telemetry.get().flush()
+print("RESULT " + json.dumps({"statuses": statuses}))
+'''
+
+
+def test_follow_ups_are_counted_per_operation_and_outcome(standin):
+    result, ingestion = run_with_ingestion(standin, FOLLOWUPS, standin.seed_contact_id)
+    assert result["statuses"] == [201, 201, 200, 200, 409]
+    sums: Counter = Counter()
+    for env in ingestion.of_type("MetricData"):
+        data = env["data"]["baseData"]
+        for metric in data["metrics"]:
+            if metric["name"] == "intake.records":
+                props = data.get("properties", {})
+                sums[(props.get("intake.entity"), props.get("intake.outcome"))] += metric["value"]
+    assert {k: v for k, v in sums.items() if k[0] != "incident"} == {
+        ("incident.note", "created"): 1, ("incident.note", "existed"): 1, ("incident.resolve", "created"): 1,
+        ("incident.update", "rejected"): 1}, sums
+    everything = "\n".join(ingestion.raw)
+    assert "Confidential description 5521" not in everything and "Secret Title 7781" not in everything

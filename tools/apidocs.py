@@ -30,9 +30,25 @@ ROUTES = {"cases": ("case", "CreateCase", "Create a case",
                     "Send externalId (and source) so a retry can never create a second case."),
           "leads": ("lead", "CreateLead", "Create a lead",
                     "Creates a Dynamics 365 lead. Send externalId (and source) so a retry can never create a "
-                    "second lead.")}
+                    "second lead."),
+          "cases/notes": ("caseNote", "AddCaseNote", "Add a note to a case",
+                          "Adds a note (with an optional attachment) to the case an event created, exactly once per "
+                          "noteId. Name the case by its externalId and source, or by its id."),
+          "leads/notes": ("leadNote", "AddLeadNote", "Add a note to a lead",
+                          "Adds a note (with an optional attachment) to the lead an event created, exactly once per "
+                          "noteId. Name the lead by its externalId and source, or by its id."),
+          "cases/resolve": ("caseResolve", "ResolveCase", "Resolve a case",
+                            "Resolves the case with one case resolution; sending it again changes nothing."),
+          "cases/cancel": ("caseCancel", "CancelCase", "Cancel a case",
+                           "Cancels the case; sending it again changes nothing."),
+          "cases/update": ("caseUpdate", "UpdateCase", "Update a case",
+                           "Changes an active case's description or priority; never creates a case."),
+          "alerts": ("azureMonitorAlert", "AzureMonitorAlert", "Azure Monitor alert webhook",
+                     "An action group's webhook (common alert schema): Fired opens a case, Resolved resolves it, "
+                     "exactly once. Every failure a retry could fix is a 503 with Retry-After.")}
+CONNECTOR_ROUTES = ("cases", "leads", "cases/notes", "leads/notes", "cases/resolve", "cases/cancel", "cases/update")
 # Which error codes each answer can carry (the code table's status decides; a code is listed where it occurs).
-ERROR_STATUSES = (400, 401, 403, 409, 413, 415, 500, 502, 503, 504)
+ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 415, 500, 502, 503, 504)
 
 
 def _contract() -> dict[str, Any]:
@@ -54,6 +70,48 @@ def _created_schema(entity: str) -> dict[str, Any]:
                            "entity": {"type": "string", "enum": [entity]},
                            "created": {"type": "boolean",
                                        "description": "true: created now; false: this key's record existed."}}}
+
+
+def _note_schema() -> dict[str, Any]:
+    return {"type": "object", "required": ["id", "entity", "created", "recordId"], "additionalProperties": False,
+            "properties": {"id": {"type": "string", "format": "uuid", "description": "The note's id."},
+                           "entity": {"type": "string", "enum": ["annotation"]},
+                           "created": {"type": "boolean",
+                                       "description": "true: created now; false: this noteId's note existed."},
+                           "recordId": {"type": "string", "format": "uuid", "description": "The record's id."}}}
+
+
+def _state_schema() -> dict[str, Any]:
+    return {"type": "object", "required": ["id", "entity", "state", "changed"], "additionalProperties": False,
+            "properties": {"id": {"type": "string", "format": "uuid", "description": "The case's id."},
+                           "entity": {"type": "string", "enum": ["incident"]},
+                           "state": {"type": "string", "enum": ["active", "resolved", "cancelled"]},
+                           "changed": {"type": "boolean",
+                                       "description": "true: changed now; false: it was already so."}}}
+
+
+def _alert_schema() -> dict[str, Any]:
+    out = _created_schema("incident")
+    out["required"] = [*out["required"], "state"]
+    out["properties"]["state"] = {"type": "string", "enum": ["active", "resolved"]}
+    return out
+
+
+def _success(route: str, entity_def: str) -> dict[str, Any]:
+    """The 2xx answers of a route."""
+    def answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+    if route.endswith("/notes"):
+        return {"201": answer("Created.", _note_schema()),
+                "200": answer("A repeat of the same noteId with the same content: the existing note.", _note_schema())}
+    if route.startswith("cases/"):
+        return {"200": answer("Done, now or before.", _state_schema())}
+    if route == "alerts":
+        return {"201": answer("The alert's case, created now.", _alert_schema()),
+                "200": answer("The alert's case existed.", _alert_schema())}
+    entity = "incident" if entity_def == "case" else "lead"
+    return {"201": answer("Created.", _created_schema(entity)),
+            "200": answer("A repeat of the same event's key: the existing record.", _created_schema(entity))}
 
 
 def _error_schema(codes: list[str]) -> dict[str, Any]:
@@ -78,11 +136,7 @@ def openapi() -> dict[str, Any]:
     by_status = _codes()
     paths: dict[str, Any] = {}
     for route, (entity_def, op_id, summary, description) in ROUTES.items():
-        entity = "incident" if entity_def == "case" else "lead"
-        responses: dict[str, Any] = {
-            "201": {"description": "Created.", "content": {"application/json": {"schema": _created_schema(entity)}}},
-            "200": {"description": "A repeat of the same event's key: the existing record.",
-                    "content": {"application/json": {"schema": _created_schema(entity)}}}}
+        responses: dict[str, Any] = _success(route, entity_def)
         for status in ERROR_STATUSES:
             resp: dict[str, Any] = {"description": ", ".join(sorted(by_status[status])),
                                     "content": {"application/json": {"schema": _error_schema(by_status[status])}}}
@@ -95,11 +149,12 @@ def openapi() -> dict[str, Any]:
                 resp["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
                                                    "description": "Seconds to wait before sending again."}}
             responses[str(status)] = resp
+        keyed = route in ("cases", "leads")
         paths[f"/{route}"] = {"post": {
             "operationId": op_id, "summary": summary, "description": description,
             "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                             "description": schemas["idempotencyKey"]["description"],
-                            "schema": {"$ref": "#/components/schemas/idempotencyKey"}}],
+                            "schema": {"$ref": "#/components/schemas/idempotencyKey"}}] if keyed else [],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{entity_def}"}}}},
             "responses": responses}}
@@ -142,6 +197,13 @@ def _down(node: Any, defs: dict[str, Any]) -> Any:
     if "$ref" in node:
         return _down(copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]]), defs)
     out: dict[str, Any] = {}
+    alternatives = node.get("anyOf") or []
+    if len(alternatives) == 2 and {"type": "null"} in alternatives:  # "X or null": X, nullable
+        (other,) = [alt for alt in alternatives if alt != {"type": "null"}]
+        folded = {**_down(other, defs), "x-nullable": True}
+        if "description" in node:
+            folded["description"] = node["description"]
+        return folded
     if "anyOf" in node:  # fold the alternatives into one object whose description says "exactly one way"
         props: dict[str, Any] = {}
         for alt in node["anyOf"]:
@@ -174,7 +236,8 @@ def swagger(entra: bool = False) -> dict[str, Any]:
     doc = openapi()
     defs = doc["components"]["schemas"]
     paths: dict[str, Any] = {}
-    for route, (entity_def, op_id, summary, description) in ROUTES.items():
+    for route in CONNECTOR_ROUTES:
+        entity_def, op_id, summary, description = ROUTES[route]
         op = doc["paths"][f"/{route}"]["post"]
         responses = {}
         for status, resp in op["responses"].items():
@@ -185,13 +248,15 @@ def swagger(entra: bool = False) -> dict[str, Any]:
             "operationId": op_id, "summary": summary, "description": description,
             "consumes": ["application/json"], "produces": ["application/json"],
             "parameters": [
-                {"name": "Idempotency-Key", "in": "header", "required": False, "type": "string",
-                 "x-ms-summary": "Idempotency key", "description": defs["idempotencyKey"]["description"]},
+                *([{"name": "Idempotency-Key", "in": "header", "required": False, "type": "string",
+                    "x-ms-summary": "Idempotency key", "description": defs["idempotencyKey"]["description"]}]
+                  if route in ("cases", "leads") else []),
                 {"name": "body", "in": "body", "required": True, "schema": _down(defs[entity_def], defs)}],
             "responses": responses}}
     return {"swagger": "2.0",
             "info": {"title": "Dynamics 365 intake", "version": doc["info"]["version"],
-                     "description": "Create Dynamics 365 cases and leads exactly once, with named failures."},
+                     "description": "Create Dynamics 365 cases and leads, and add notes, resolve, cancel and update "
+                                    "them, exactly once, with named failures."},
             "host": "contoso-intake.azurewebsites.net", "basePath": "/api", "schemes": ["https"],
             "securityDefinitions": _ENTRA_SECURITY if entra else {"api_key": {"type": "apiKey", "in": "header",
                                                                                "name": KEY_HEADER}},

@@ -270,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                             "only way into the deployed account, whose shared keys are off")
     sub = parser.add_subparsers(dest="command", required=True)
     p_send = sub.add_parser("send", help="enqueue one JSON event", parents=[where])
-    p_send.add_argument("queue", choices=["cases", "leads"])
+    p_send.add_argument("queue", choices=["cases", "leads", "followups"])
     p_send.add_argument("body", help="the event as JSON")
     p_replay = sub.add_parser("replay", help="move <queue>-poison (or -rejected bodies) back to <queue>",
                               parents=[where])
-    p_replay.add_argument("queue", choices=["cases", "leads"])
+    p_replay.add_argument("queue", choices=["cases", "leads", "followups"])
     p_replay.add_argument("--rejected", action="store_true", help="resend bodies kept in <queue>-rejected")
     p_replay.add_argument("--limit", type=int, default=10_000)
     p_replay.add_argument("--seconds", type=float, default=300.0, help="stop after this long")

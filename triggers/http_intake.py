@@ -44,7 +44,8 @@ def _handle(req: func.HttpRequest, context: func.Context, parse: Callable[[dict]
             caller = callers.authenticate(req)
             inv.caller = caller.app_id if caller else None  # known from here on, a refused role included
             callers.require(caller, route)
-            event = parse(parse_json(req.get_body()))
+            data = parse_json(req.get_body())
+            event = parse_case(data, instance.default_account()) if parse is parse_case else parse(data)
             key = idempotency_key(req.headers.get("Idempotency-Key"))
             # Header keys live in their own namespace (per source): they never meet an externalId. Under entra
             # both kinds live in the caller's namespace: one caller cannot reach or probe another's keys.

@@ -18,13 +18,15 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import azure.functions as func
 
 from shared import breaker, claims, deferral, instance, storage, telemetry
 from shared import settings as settings_mod
 from shared.errors import IntakeError
-from shared.validation import Event, parse_case, parse_json, parse_lead
+from shared.telemetry import Invocation
+from shared.validation import parse_case, parse_json, parse_lead
 
 log = logging.getLogger("intake.queue")
 queue_bp = func.Blueprint()
@@ -71,10 +73,30 @@ def _max_hours() -> float:
         return float(settings_mod.default("INTAKE_DEFERRAL_MAX_HOURS"))
 
 
-def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context, queue: str,
-             parse: Callable[[dict], Event]) -> None:
+@dataclass(frozen=True)
+class Applied:
+    id: str
+    entity: str
+    created: bool  # created or changed now; False: a repeat found it done
+    request_id: str | None = None
+
+
+def create(entity: str) -> Callable[[bytes, str, Invocation], Applied]:
+    """The work of a `cases` or `leads` message: one row, keyed by the message's key when it has no externalId."""
+    def run(body: bytes, key: str, inv: Invocation) -> Applied:
+        data = parse_json(body)
+        event = parse_case(data, instance.default_account()) if entity == "incident" else parse_lead(data)
+        outcome = instance.intake().submit(event, key=key, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
+        return Applied(outcome.id, outcome.entity, outcome.created, outcome.request_id)
+    return run
+
+
+def process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context, queue: str,
+             entity: str, work: Callable[[bytes, str, Invocation], Applied]) -> None:
+    """One message through `work`, with the envelope, breaker, deferral, -rejected and poison rules of every queue.
+
+    `entity` names the breaker's scope and the telemetry's entity (work may refine the latter once parsed)."""
     started = time.perf_counter()
-    entity = "incident" if parse is parse_case else "lead"
     with telemetry.get().invocation("queue", entity, context) as inv:
         try:
             body, envelope = deferral.unwrap(msg.get_body(), msg.id)
@@ -105,8 +127,7 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
         if probe:
             inv.breaker = "probe"
         try:
-            event = parse(parse_json(body))
-            outcome = instance.intake().submit(event, key=envelope.key, key_source=KEY_SOURCE, budget=QUEUE_BUDGET)
+            outcome = work(body, envelope.key, inv)
         except IntakeError as err:
             breaker.done(entity, err, probe)
             where.update(telemetry.fields(code=err.code, request_id=err.request_id, record_id=err.record_id))
@@ -156,10 +177,10 @@ def _process(msg: func.QueueMessage, rejected: func.Out[str], context: func.Cont
 @queue_bp.queue_trigger(arg_name="msg", queue_name="cases", connection="AzureWebJobsStorage")
 @queue_bp.queue_output(arg_name="rejected", queue_name="cases-rejected", connection="AzureWebJobsStorage")
 def cases_queue(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context) -> None:
-    _process(msg, rejected, context, "cases", parse_case)
+    process(msg, rejected, context, "cases", "incident", create("incident"))
 
 
 @queue_bp.queue_trigger(arg_name="msg", queue_name="leads", connection="AzureWebJobsStorage")
 @queue_bp.queue_output(arg_name="rejected", queue_name="leads-rejected", connection="AzureWebJobsStorage")
 def leads_queue(msg: func.QueueMessage, rejected: func.Out[str], context: func.Context) -> None:
-    _process(msg, rejected, context, "leads", parse_lead)
+    process(msg, rejected, context, "leads", "lead", create("lead"))

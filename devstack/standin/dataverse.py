@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -14,13 +16,16 @@ from .batch import run_batch
 from .entra import Directory
 from .schema import (
     EDM,
+    INCIDENT_STATUS,
     LITERAL_EDM,
+    STATE_NAMES,
     Column,
     DvError,
     EntityDef,
     Payload,
     build_entities,
     check_customer,
+    default_status,
     is_guid,
     parse_payload,
     payload_error,
@@ -33,7 +38,14 @@ CT = "application/json; odata.metadata=minimal"
 VERBS = ("Create", "Read", "Write", "Delete", "Append", "AppendTo", "Assign", "Share")
 SEED_PRIVILEGES = ("prvCreateIncident", "prvReadIncident", "prvCreateLead", "prvReadLead", "prvCreateContact",
                    "prvReadContact", "prvAppendIncident", "prvAppendToContact", "prvAppendToAccount",
-                   "prvReadAccount")
+                   "prvReadAccount", "prvWriteIncident", "prvAppendToIncident", "prvAppendToLead", "prvCreateNote",
+                   "prvReadNote", "prvAppendNote", "prvCreateActivity", "prvReadActivity", "prvAppendActivity")
+MAX_UPLOAD = 5_242_880  # organization.maxuploadfilesize default: bytes of base64 text
+# A few of organization.blockedattachments' default extensions (the whole list is longer).
+BLOCKED = frozenset({"ade", "adp", "app", "bat", "chm", "cmd", "com", "cpl", "dll", "exe", "hta", "js", "jse", "lnk",
+                     "msi", "msp", "pif", "reg", "scr", "vb", "vbe", "vbs", "ws", "wsf", "wsh"})
+ALREADY_RESOLVED = ("0x800404cf", "This case has already been resolved. Close and reopen the case record to see "
+                                  "the updates.")
 THROTTLE = {
     "0x80072322": "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
     "0x80072321": "Combined execution time of incoming requests exceeded limit of 1,200,000 milliseconds "
@@ -89,6 +101,7 @@ class Org:
         self._version = 1000
         self.user = AppUser(ids.dynamics_client_id, ids.systemuserid, privileges=set(SEED_PRIVILEGES))
         self.queries: list[list[tuple[str, Any]]] = []
+        self.max_upload = MAX_UPLOAD
         self.add_column("incidents", "new_customfield")
         self.add_column("leads", "new_customfield")
         self.insert("contacts", ids.seed_contact_id, {"firstname": "Ada", "lastname": "Lovelace",
@@ -107,7 +120,7 @@ class Org:
         return str(uuid.uuid5(uuid.UUID(self.state.ids.organization_id), name.lower()))
 
     def known_privilege(self, name: str) -> bool:
-        schemas = {e.schema.lower() for e in self.entities.values()}
+        schemas = {(e.privilege or e.schema).lower() for e in self.entities.values()}
         low = name.lower()
         for verb in sorted(VERBS, key=len, reverse=True):
             prefix = f"prv{verb}".lower()
@@ -137,6 +150,8 @@ class Org:
             rec: dict[str, Any] = {ent.key: key.lower(), "statecode": 0, "createdon": now, "modifiedon": now,
                                    "versionnumber": self._version}
             rec.update(values)
+            if "statuscode" in ent.columns:  # statecode is not valid for create: a new case is active
+                rec["statecode"], rec["statuscode"] = 0, default_status(0)
             self._derive(ent, rec)
             table[key.lower()] = rec
             return True
@@ -156,6 +171,14 @@ class Org:
     def _derive(ent: EntityDef, rec: dict[str, Any]) -> None:
         if "fullname" in ent.columns:
             rec["fullname"] = " ".join(p for p in (rec.get("firstname"), rec.get("lastname")) if p) or None
+        if ent.set_name == "annotations":
+            body = rec.get("documentbody")
+            rec["isdocument"] = bool(body)
+            try:
+                rec["filesize"] = len(base64.b64decode(body, validate=True)) if body else 0
+            except (binascii.Error, ValueError):
+                rec["filesize"] = len(body or "")
+            rec["objecttypecode"] = rec.get("_objectid_value@Microsoft.Dynamics.CRM.lookuplogicalname")
 
     def rows(self, entity_set: str) -> list[dict[str, Any]]:
         with self.lock:
@@ -225,6 +248,8 @@ class DataverseService:
             return "batch", self._only(m, "POST", self.batch)
         if rest == "EntityDefinitions" or _DEFINITION.fullmatch(rest):
             return "metadata", self._only(m, "GET", self.metadata)
+        if rest in ("CloseIncident", "Microsoft.Dynamics.CRM.CloseIncident"):
+            return "closeincident", self._only(m, "POST", self.close_incident)
         sm = _SET.fullmatch(rest)
         if not sm or sm.group(1) not in self.org.entities:
             seg = rest.split("/")[0].split("(")[0]
@@ -272,7 +297,7 @@ class DataverseService:
         return user
 
     def _require(self, user: AppUser, verb: str, ent: EntityDef) -> None:
-        name = f"prv{verb}{ent.schema}"
+        name = f"prv{verb}{ent.privilege or ent.schema}"
         with self.org.lock:
             held, count = name in user.privileges, len(user.privileges)
         if not held:
@@ -367,6 +392,8 @@ class DataverseService:
         try:
             validate_values(ent, payload.values)
             check_customer(ent, payload.binds, creating=True)
+            if ent.set_name == "annotations":
+                self._check_attachment(payload.values)
         except DvError as exc:
             return self._err(exc)
         values = {**payload.values, **self._resolve_binds(user, ent, payload)}
@@ -374,7 +401,79 @@ class DataverseService:
             return dv_response(412, "0x80040237", "A record with matching key values already exists.")
         return self._created(req, ent, key)
 
+    def _check_attachment(self, values: dict[str, Any]) -> None:
+        """organization.maxuploadfilesize (on the base64 text) and blockedattachments, as Dataverse checks them."""
+        body, name = values.get("documentbody") or "", values.get("filename") or ""
+        if len(body) > self.org.max_upload:
+            raise DvError(400, "0x80044a02", "Attachment file size is too big.")
+        if "." in name and name.rsplit(".", 1)[1].lower() in BLOCKED:
+            raise DvError(400, "0x80043e09", "The attachment is either not a valid type or is too large. It cannot "
+                                             "be uploaded or downloaded.")
+
+    @staticmethod
+    def _transition(existing: dict[str, Any], values: dict[str, Any], key: str) -> Response | None:
+        """An incident's state rules on update: Resolved and Canceled are read-only until reopened (statecode 0),
+        Resolved only through CloseIncident, a statuscode must belong to its statecode. Sets the statuscode."""
+        state = existing.get("statecode") or 0
+        new_state, new_status = values.get("statecode"), values.get("statuscode")
+        if new_state is None and new_status is not None:
+            new_state = INCIDENT_STATUS.get(new_status, state)
+        if new_state == 1:
+            return dv_response(400, "0x80040203", "This message can not be used to set the state of incident to "
+                                                  "Closed. In order to set state of incident to Closed, use the "
+                                                  "CloseIncidentRequest message instead.")
+        if state != 0 and new_state != 0:
+            return dv_response(400, *ALREADY_RESOLVED)
+        if new_state is not None:
+            status = new_status if new_status is not None else default_status(new_state)
+            if INCIDENT_STATUS.get(status) != new_state:
+                return dv_response(400, "0x80048408", f"{status} is not a valid status code for state code "
+                                                      f"IncidentState.{STATE_NAMES[new_state]} on incident with "
+                                                      f"Id {key}.")
+            values["statecode"], values["statuscode"] = new_state, status
+        return None
+
     # ---- endpoints ----------------------------------------------------------------------------------
+    def close_incident(self, req: Request) -> Response:
+        """The CloseIncident action: creates the incidentresolution and resolves the case, or neither."""
+        user = self._caller(req)
+        ent, incidents = self.org.entities["incidentresolutions"], self.org.entities["incidents"]
+        try:
+            body = req.json()
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(self._err(payload_error(ent, "Invalid JSON. The payload could not be read."))) from None
+        if not isinstance(body, dict) or not isinstance(body.get("IncidentResolution"), dict) \
+                or not isinstance(body.get("Status"), int) or isinstance(body.get("Status"), bool):
+            raise dv_fail(400, "0x80040203", "CloseIncident takes IncidentResolution (an object) and Status (an "
+                                             "integer).")
+        try:
+            payload = parse_payload(ent, body["IncidentResolution"])
+            validate_values(ent, payload.values)
+        except DvError as exc:
+            return self._err(exc)
+        bind = payload.binds.get("incidentid")
+        if bind is None:
+            raise dv_fail(400, "0x80040203", "incidentid is required on the IncidentResolution.")
+        self._require(user, "Create", ent)
+        self._require(user, "Write", incidents)
+        self._require(user, "AppendTo", incidents)
+        status = body["Status"]
+        with self.org.lock:
+            case = self.org.get("incidents", bind[1])
+            if case is None:
+                return dv_response(404, "0x80040217", f"incident With Id = {bind[1]} Does Not Exist")
+            if status != -1 and INCIDENT_STATUS.get(status) != 1:
+                return dv_response(400, "0x80048408", f"{status} is not a valid status code for state code "
+                                                      f"IncidentState.Resolved on incident with Id {bind[1]}.")
+            if case.get("statecode"):
+                return dv_response(400, *ALREADY_RESOLVED)
+            values = {**payload.values, "_incidentid_value": bind[1],
+                      "_incidentid_value@Microsoft.Dynamics.CRM.lookuplogicalname": "incident", "statecode": 1}
+            if not self.org.insert(ent.set_name, payload.key or str(uuid.uuid4()), values):
+                return dv_response(412, "0x80040237", "A record with matching key values already exists.")
+            self.org.update("incidents", bind[1], {"statecode": 1, "statuscode": 5 if status == -1 else status})
+        return Response(204, b"")
+
     def whoami(self, req: Request) -> Response:
         user = self._caller(req)
         ids = self.state.ids
@@ -449,8 +548,13 @@ class DataverseService:
         except DvError as exc:
             return self._err(exc)
         values = {**payload.values, **self._resolve_binds(user, ent, payload)}
-        if not self.org.update(ent.set_name, key, values):
-            return dv_response(404, "0x80040217", f"{ent.logical} With Id = {key} Does Not Exist")
+        with self.org.lock:  # the state rule and the write see the same row
+            current = self.org.get(ent.set_name, key)
+            refused = self._transition(current, values, key) if current and "statuscode" in ent.columns else None
+            if refused is not None:
+                return refused
+            if not self.org.update(ent.set_name, key, values):
+                return dv_response(404, "0x80040217", f"{ent.logical} With Id = {key} Does Not Exist")
         if self._wants_representation(req):
             rec = self.org.get(ent.set_name, key) or {}
             select = self._select(req, ent)
@@ -547,7 +651,7 @@ class DataverseService:
             raise dv_fail(400, "0x80060888", f"Could not find a property named '{c.column}' on type "
                                              f"'{ent.type_name}'.")
         allowed = {"string": {"string"}, "guid": {"guid"}, "lookup": {"guid"}, "option": {"number"},
-                   "int": {"number"}, "datetime": set()}[kind]
+                   "int": {"number"}, "bool": {"bool"}, "datetime": set()}[kind]
         if c.kind != "null" and c.kind not in allowed:
             raise dv_fail(400, "0x80060888", "A binary operator with incompatible types was detected. Found "
                                              f"operand types '{EDM[kind]}' and '{LITERAL_EDM[c.kind]}' for "

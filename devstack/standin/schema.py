@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EDM = {"string": "Edm.String", "option": "Edm.Int32", "int": "Edm.Int64", "guid": "Edm.Guid",
-       "datetime": "Edm.DateTimeOffset", "lookup": "Edm.Guid"}
+       "datetime": "Edm.DateTimeOffset", "lookup": "Edm.Guid", "bool": "Edm.Boolean"}
 LITERAL_EDM = {"string": "Edm.String", "guid": "Edm.Guid", "number": "Edm.Int32", "bool": "Edm.Boolean"}
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _BIND = re.compile(r"^(?:.*/)?([A-Za-z_]+)\(([0-9a-fA-F-]{36})\)$")
@@ -24,7 +24,7 @@ class DvError(Exception):
 
 @dataclass(frozen=True)
 class Column:
-    """A column: ``kind`` is string, option, int, guid, datetime or lookup (read-only ``_x_value``)."""
+    """A column: ``kind`` is string, option, int, bool, guid, datetime or lookup (read-only ``_x_value``)."""
 
     name: str
     kind: str = "string"
@@ -54,6 +54,7 @@ class EntityDef:
     columns: dict[str, Column] = field(default_factory=dict)
     lookups: dict[str, Lookup] = field(default_factory=dict)
     required_lookup: str | None = None
+    privilege: str = ""  # the name in prv<Verb><name> when it is not the schema name (annotation: Note)
 
     @property
     def type_name(self) -> str:
@@ -82,6 +83,7 @@ def build_entities() -> dict[str, EntityDef]:
                  Column("prioritycode", "option", options=(1, 2, 3)),
                  Column("caseorigincode", "option", options=(1, 2, 3)),
                  Column("statecode", "option", options=(0, 1, 2)),
+                 Column("statuscode", "option", options=tuple(INCIDENT_STATUS)),
                  Column("_customerid_value", "lookup", writable=False), *common)
     incident.lookups = {"customerid_contact": Lookup("customerid_contact", "contacts", "customerid"),
                         "customerid_account": Lookup("customerid_account", "accounts", "customerid")}
@@ -96,7 +98,31 @@ def build_entities() -> dict[str, EntityDef]:
                 Column("fullname", "string", 160, writable=False), *common)
     account = EntityDef("accounts", "account", "Account", "accountid", 1)
     account.add(_s("name", 160), Column("statecode", "option", options=(0, 1)), *common)
-    return {e.set_name: e for e in (incident, lead, contact, account)}
+    # Notes: the polymorphic regarding lookup `objectid`, written as objectid_<table>@odata.bind.
+    annotation = EntityDef("annotations", "annotation", "Annotation", "annotationid", 5, privilege="Note")
+    annotation.add(_s("subject", 500), _s("notetext", 100_000), _s("filename", 255), _s("mimetype", 256),
+                   _s("documentbody", 200_000_000), Column("isdocument", "bool"),
+                   Column("filesize", "int", writable=False), Column("objecttypecode", "string", writable=False),
+                   Column("_objectid_value", "lookup", writable=False), *common)
+    annotation.lookups = {"objectid_incident": Lookup("objectid_incident", "incidents", "objectid"),
+                          "objectid_lead": Lookup("objectid_lead", "leads", "objectid")}
+    # Case resolution: an activity (privileges prv<Verb>Activity), created by the CloseIncident action.
+    resolution = EntityDef("incidentresolutions", "incidentresolution", "IncidentResolution", "activityid", 4206,
+                           privilege="Activity")
+    resolution.add(_s("subject", 200), _s("description", 2000), Column("timespent", "int"),
+                   Column("statecode", "option", options=(0, 1, 2)),
+                   Column("_incidentid_value", "lookup", writable=False), *common)
+    resolution.lookups = {"incidentid": Lookup("incidentid", "incidents", "incidentid")}
+    return {e.set_name: e for e in (incident, lead, contact, account, annotation, resolution)}
+
+
+# incident statuscode -> its statecode (0 Active, 1 Resolved, 2 Canceled); the first of each state is its default.
+INCIDENT_STATUS = {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 1000: 1, 6: 2, 2000: 2}
+STATE_NAMES = {0: "Active", 1: "Resolved", 2: "Canceled"}
+
+
+def default_status(state: int) -> int:
+    return next(s for s, st in INCIDENT_STATUS.items() if st == state)
 
 
 def is_guid(value: Any) -> bool:
@@ -158,8 +184,8 @@ def parse_payload(ent: EntityDef, body: Any) -> Payload:
         if not col.writable:
             continue  # read-only columns are ignored on write
         if value is not None:
-            ok = isinstance(value, str) if col.kind == "string" else (
-                isinstance(value, int) and not isinstance(value, bool))
+            ok = isinstance(value, str) if col.kind == "string" else isinstance(value, bool) if col.kind == "bool" \
+                else (isinstance(value, int) and not isinstance(value, bool))
             if not ok:
                 raise payload_error(ent, f"Cannot convert a primitive value to the expected type "
                                          f"'{EDM[col.kind]}'. See the inner exception for more details.")

@@ -454,6 +454,14 @@ class StandIn:
     def add_column(self, entity_set: str, logical_name: str, max_length: int = 100) -> None:
         self.org.add_column(entity_set, logical_name, max_length)
 
+    def set_max_upload(self, size: int) -> None:
+        """organization.maxuploadfilesize: bytes of base64 text a note's documentbody may hold."""
+        self.org.max_upload = size
+
+    def update_record(self, entity_set: str, key: str, values: dict[str, Any]) -> bool:
+        """Change a record directly (an agent in Dynamics), no rule checked; False when it is not there."""
+        return self.org.update(entity_set, key, dict(values))
+
     def delete_record(self, entity_set: str, key: str) -> bool:
         return self.org.delete(entity_set, key)
 

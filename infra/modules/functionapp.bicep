@@ -27,6 +27,9 @@ param intakeDataverseConcurrency string
 param intakeDeferralMaxHours string
 param intakeBatchSize string
 param intakeBatchWindowMs string
+param intakeNoteMaxBytes string
+param intakeDefaultCustomerAccountId string
+param intakeAlertAccountId string
 
 @description('Queue messages one instance takes at a time per queue function (batchSize; newBatchThreshold is half of it).')
 param queueBatchSize int = 8
@@ -192,6 +195,18 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'INTAKE_BATCH_WINDOW_MS'
           value: intakeBatchWindowMs
+        }
+        {
+          name: 'INTAKE_NOTE_MAX_BYTES'
+          value: intakeNoteMaxBytes
+        }
+        {
+          name: 'INTAKE_DEFAULT_CUSTOMER_ACCOUNT_ID'
+          value: intakeDefaultCustomerAccountId
+        }
+        {
+          name: 'INTAKE_ALERT_ACCOUNT_ID'
+          value: intakeAlertAccountId
         }
         // Per-instance queue concurrency, overriding host.json: instances x concurrency within the budget.
         {
