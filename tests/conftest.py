@@ -129,6 +129,22 @@ def stack(standin: StandIn, monkeypatch: pytest.MonkeyPatch, captured_logs: _Cap
     LEAK_CHECKED["responses"] += len(st.bodies)
 
 
+@pytest.fixture
+def storage_env(azurite, stack, monkeypatch, request):
+    """The function's own queues on Azurite (the test module's QUEUES, else cases and cases-poison), the app's
+    AzureWebJobsStorage pointing at them, empty before and after."""
+    from tools.queues import ensure, queue_client
+
+    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
+    names = getattr(request.module, "QUEUES", ("cases", "cases-poison"))
+    clients = [ensure(queue_client(azurite.connection_string, q)) for q in names]
+    for c in clients:
+        c.clear_messages()
+    yield azurite.connection_string
+    for c in clients:
+        c.clear_messages()
+
+
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[Any]:
     from tests.azurite import Azurite

@@ -9,28 +9,15 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from azure.functions.queue import QueueMessage
 
 from shared import breaker, deferral, instance
 from shared.intake import record_id
 from tests.hostsim import Context, Out, receive_all
-from tools.queues import ensure, queue_client, replay
+from tools.queues import queue_client, replay
 from triggers import queue_intake
 
 CASES = queue_intake.cases_queue.build().get_user_function()
-
-
-@pytest.fixture
-def storage_env(azurite, stack, monkeypatch):
-    """The function's own queues (cases, cases-poison) on Azurite, empty before and after."""
-    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
-    clients = [ensure(queue_client(azurite.connection_string, q)) for q in ("cases", "cases-poison")]
-    for c in clients:
-        c.clear_messages()
-    yield azurite.connection_string
-    for c in clients:
-        c.clear_messages()
 
 
 def case(si, **extra) -> bytes:

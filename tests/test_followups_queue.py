@@ -14,7 +14,7 @@ from shared import deferral
 from shared.followups import note_id
 from shared.intake import record_id
 from tests.hostsim import Context, Out, QueueHost
-from tools.queues import ensure, queue_client, send
+from tools.queues import queue_client, send
 from triggers import followups_queue, http_intake
 
 FOLLOWUPS = followups_queue.followups_queue.build().get_user_function()
@@ -23,15 +23,10 @@ REF = {"externalId": "conv-77", "source": "genesys"}
 
 
 @pytest.fixture
-def storage_env(azurite, stack, monkeypatch):
-    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
-    monkeypatch.setattr(deferral, "BACKOFF_BASE", 1.0)  # the first deferral's delay: about a second
-    clients = [ensure(queue_client(azurite.connection_string, q)) for q in QUEUES]
-    for c in clients:
-        c.clear_messages()
-    yield azurite.connection_string
-    for c in clients:
-        c.clear_messages()
+def storage_env(storage_env, monkeypatch):
+    """The queues of QUEUES (conftest), with a first deferral of about a second."""
+    monkeypatch.setattr(deferral, "BACKOFF_BASE", 1.0)
+    return storage_env
 
 
 def run(conn: str, seconds: float = 20.0, idle: float = 1.5):

@@ -16,24 +16,13 @@ from azure.functions.queue import QueueMessage
 from shared import breaker, claims, deferral, diagnostics
 from shared.intake import record_id
 from tests.hostsim import Context, Out, receive_all
-from tools.queues import ensure, queue_client, replay
+from tools.queues import queue_client, replay
 from triggers import queue_intake
 
 CASES = queue_intake.cases_queue.build().get_user_function()
 LEADS = queue_intake.leads_queue.build().get_user_function()
 QUEUES = ("cases", "cases-poison", "cases-rejected", "leads")
 JP = "障害が発生しました。至急対応をお願いします。"  # 22 characters, 3 bytes each in UTF-8
-
-
-@pytest.fixture
-def storage_env(azurite, stack, monkeypatch):
-    monkeypatch.setenv("AzureWebJobsStorage", azurite.connection_string)
-    clients = [ensure(queue_client(azurite.connection_string, q)) for q in QUEUES]
-    for c in clients:
-        c.clear_messages()
-    yield azurite.connection_string
-    for c in clients:
-        c.clear_messages()
 
 
 def japanese_case(si, size: int) -> bytes:
